@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from bogc_jax import evidence as ev
+from bogc_jax import validation
 from bogc_jax.stats import GradStats
 
 PyTree = Any
@@ -28,22 +28,17 @@ class BogcState(NamedTuple):
     uncertainty: pytree like params; each leaf ``[]`` float32: mean fused uncertainty
       ``m(Theta)`` over the touched coordinates ("dempster"), the fused frame
       uncertainty ("dimension_frame"), 0 for "precision", "sum" and uncalibrated leaves.
+    finite: ``[]`` bool, whether every input of the latest update (``grads`` and the
+      statistics of the calibrated leaves) was finite. When it is False the update fell
+      back to the incoming ``grads`` and the two fields above kept their previous values.
+    nonfinite_count: ``[]`` int32, the number of updates so far whose inputs were not
+      finite.
   """
 
   source_weights: PyTree
   uncertainty: PyTree
-
-
-def _check_hyperparameter(name: str, value, *, positive: bool) -> None:
-  if isinstance(value, numbers.Real) and not isinstance(value, bool):
-    bad = value <= 0 if positive else value < 0
-    if bad or value != value:  # pylint: disable=comparison-with-itself
-      need = "> 0" if positive else ">= 0"
-      raise ValueError(f"bogc: {name} must be {need}; got {value!r}.")
-
-
-def _leaf_paths(tree: PyTree) -> list[str]:
-  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  finite: jax.Array
+  nonfinite_count: jax.Array
 
 
 def _calibrate_leaf(mean, var, count, *, kappa, gamma, prior_weight, eps, aggregation):
@@ -126,6 +121,19 @@ def bogc(
     Set ``gamma=0.5`` for the square-root evidence map.
   * ``"sum"``: the fixed-weight baseline; ``grads`` pass through unchanged.
 
+  Degenerate and non-finite statistics. Zero variance at a coordinate for every
+  touching source (identical examples, or variances below float32's range, e.g. at
+  gradient scales under ~1e-19) makes the sources equally precise: the fixed-weight
+  sum there. If any input of an update is not finite (a NaN or an infinity in
+  ``grads``, in ``grad_stats.mean``/``var`` of a calibrated leaf, or a ``count`` that
+  is not a positive finite number; float32 variances overflow at gradient scales above
+  ~1e19), the update returns ``grads`` unchanged (the fixed-weight sum, finite if
+  ``grads`` are) instead of calibrating, the state keeps its previous diagnostics, and
+  ``state.finite`` is False (``state.nonfinite_count`` counts such updates). A NaN in
+  ``grads`` therefore reaches the next transform: ``optax.chain(bj.bogc(S),
+  optax.apply_if_finite(optax.adam(lr), max_consecutive_errors))`` skips that step, and
+  bogc's own state is never poisoned.
+
   Memory is ``O(S x P)``: every intermediate has at most a leading source axis.
 
   Args:
@@ -163,30 +171,41 @@ def bogc(
     Multi-Modal Learning with Bayesian-Oriented Gradient Calibration, arXiv 2505.23071.
     Han et al., Trusted Multi-View Classification, ICLR 2021 (the reduced Dempster rule).
   """
-  if not isinstance(num_sources, int) or isinstance(num_sources, bool) or num_sources < 1:
-    raise ValueError(f"bogc: num_sources must be a positive int; got {num_sources!r}.")
-  if aggregation not in AGGREGATIONS:
-    raise ValueError(f"bogc: aggregation must be one of {AGGREGATIONS}; got "
-                     f"{aggregation!r}.")
-  _check_hyperparameter("kappa", kappa, positive=False)
-  _check_hyperparameter("gamma", gamma, positive=False)
-  _check_hyperparameter("prior_weight", prior_weight, positive=True)
-  _check_hyperparameter("eps", eps, positive=True)
+  validation.check_int("bogc", "num_sources", num_sources, minimum=1,
+                       fix="It is S, the number of loss sources (rows of losses_fn).")
+  validation.check_choice("bogc", "aggregation", aggregation, AGGREGATIONS)
+  validation.check_number("bogc", "kappa", kappa,
+                          fix="kappa = 0 gives the fixed-weight sum; 1 is the default.")
+  validation.check_number("bogc", "gamma", gamma,
+                          fix="gamma = 0 gives the fixed-weight sum; 1 is the default.")
+  validation.check_number("bogc", "prior_weight", prior_weight, strict=True,
+                          fix="It is the prior weight W of each opinion; 1 is the default.")
+  validation.check_number("bogc", "eps", eps, strict=True,
+                          fix="It is the relative variance floor; 1e-3 is the default.")
 
   def init_fn(params):
     weights = jax.tree.map(lambda _: jnp.zeros((num_sources,), jnp.float32), params)
     uncertainty = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-    return BogcState(source_weights=weights, uncertainty=uncertainty)
+    return BogcState(weights, uncertainty, *validation.initial_flags())
 
   def update_fn(updates, state, params=None, *, grad_stats: GradStats | None = None,
                 **extra_args):
     del params, extra_args
     if aggregation == "sum":
       ones = jax.tree.map(lambda _: jnp.ones((num_sources,), jnp.float32), updates)
-      return updates, BogcState(ones, jax.tree.map(jnp.zeros_like, state.uncertainty))
+      new_state = BogcState(ones, jax.tree.map(jnp.zeros_like, state.uncertainty),
+                            state.finite, state.nonfinite_count)
+      return updates, validation.guard_state(validation.all_finite(updates), new_state,
+                                             state)
     flat_grads, treedef = jax.tree.flatten(updates)
     stats_means, stats_vars, calibrate = _check_stats(grad_stats, updates, treedef,
                                                       num_sources, mask)
+    validation.check_floating(
+        "bogc", "grads", updates, only=calibrate,
+        fix="Calibrated leaves need floating gradients; set mask to False there.")
+    chosen = [x for x, on in zip(stats_means + stats_vars, calibrate + calibrate) if on]
+    count = jnp.asarray(grad_stats.count)
+    finite = validation.all_finite(updates, chosen, count) & (count > 0)
     new_grads, weights, uncertainties = [], [], []
     for g, mean, var, on in zip(flat_grads, stats_means, stats_vars, calibrate):
       if not on:
@@ -195,38 +214,24 @@ def bogc(
         uncertainties.append(jnp.zeros((), jnp.float32))
         continue
       calibrated, w, u = _calibrate_leaf(
-          mean, var, grad_stats.count, kappa=kappa, gamma=gamma,
+          mean, var, count, kappa=kappa, gamma=gamma,
           prior_weight=prior_weight, eps=eps, aggregation=aggregation)
-      new_grads.append(calibrated.astype(g.dtype))
+      # A non-finite input: fall back to the incoming gradient (see the docstring).
+      new_grads.append(jnp.where(finite, calibrated.astype(g.dtype), g))
       weights.append(w)
       uncertainties.append(u)
-    new_state = BogcState(
-        source_weights=jax.tree.unflatten(treedef, weights),
-        uncertainty=jax.tree.unflatten(treedef, uncertainties))
-    return jax.tree.unflatten(treedef, new_grads), new_state
+    new_state = BogcState(jax.tree.unflatten(treedef, weights),
+                          jax.tree.unflatten(treedef, uncertainties), state.finite,
+                          state.nonfinite_count)
+    return (jax.tree.unflatten(treedef, new_grads),
+            validation.guard_state(finite, new_state, state))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _check_stats(grad_stats, updates, treedef, num_sources, mask):
   """Validate ``grad_stats`` against ``updates``; return per-leaf means, vars, flags."""
-  if grad_stats is None:
-    raise ValueError(
-        "bogc: missing the keyword extra argument grad_stats. Call "
-        "tx.update(grads, state, params, grad_stats=bj.source_grad_stats(losses_fn, "
-        "params, batch)).")
-  if not isinstance(grad_stats, GradStats):
-    raise TypeError(f"bogc: grad_stats must be a bogc_jax.GradStats; got "
-                    f"{type(grad_stats).__name__}. Build it with bj.source_grad_stats.")
-  paths = _leaf_paths(updates)
-  try:
-    means = treedef.flatten_up_to(grad_stats.mean)
-    variances = treedef.flatten_up_to(grad_stats.var)
-  except (ValueError, TypeError) as err:
-    raise ValueError(
-        "bogc: grad_stats.mean/var must have the same pytree structure as the params "
-        f"(the updates); params have {treedef}. Compute the statistics on the same "
-        f"params tree you optimise. ({err})") from err
+  means, variances = validation.grad_stats_leaves("bogc", grad_stats, treedef)
   if mask is None:
     calibrate = [m is not None for m in means]
   else:
@@ -237,19 +242,8 @@ def _check_stats(grad_stats, updates, treedef, num_sources, mask):
       raise ValueError(
           f"bogc: mask must be a pytree of booleans with the params' structure "
           f"{treedef}. ({err})") from err
-  for path, g, mean, var, on in zip(paths, jax.tree.leaves(updates), means, variances,
-                                    calibrate):
-    if not on:
-      continue
-    expected = (num_sources,) + tuple(jnp.shape(g))
-    for name, leaf in (("mean", mean), ("var", var)):
-      if leaf is None:
-        raise ValueError(
-            f"bogc: grad_stats.{name}{path} is None but the leaf is calibrated; compute "
-            "statistics for it or set mask to False there.")
-      if tuple(jnp.shape(leaf)) != expected:
-        raise ValueError(
-            f"bogc: grad_stats.{name}{path} has shape {tuple(jnp.shape(leaf))}; expected "
-            f"{expected} (num_sources={num_sources} stacked on the parameter's shape). "
-            "Check num_sources and that the statistics match these params.")
+  validation.check_grad_stats_leaves(
+      "bogc", validation.leaf_paths(updates), jax.tree.leaves(updates), means, variances,
+      calibrate, num_sources,
+      why="the leaf is calibrated; compute statistics for it or set mask to False there.")
   return means, variances, calibrate

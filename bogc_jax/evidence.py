@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bogc_jax import validation
+
 Array = jax.Array
 
 
@@ -30,7 +32,15 @@ def _count(touched: Array, dtype) -> Array:
 
 
 def touched_mean(x: Array, touched: Array) -> Array:
-  """``mean_{s in T_d} x[s, d]`` over the sources touching each coordinate (0 if none)."""
+  """``mean_{s in T_d} x[s, d]`` over the sources touching each coordinate (0 if none).
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 5.0]])
+    >>> touched = jnp.array([[True, True], [True, False]])
+    >>> bj.evidence.touched_mean(x, touched).tolist()
+    [2.0, 2.0]
+  """
   total = jnp.sum(jnp.where(touched, x, 0), axis=0)
   return total / jnp.maximum(_count(touched, x.dtype), 1)
 
@@ -53,7 +63,16 @@ def precision(var: Array, touched: Array, eps: float = 1e-3) -> Array:
 
   Returns:
     ``[S, ...]`` precisions relative to ``1 / vbar_d``, 0 where not touched.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> var = jnp.array([[1.0, 4.0], [3.0, 4.0]])  # 2 sources, 2 coordinates
+    >>> lam = bj.evidence.precision(var, jnp.ones((2, 2), bool))
+    >>> [[round(x, 3) for x in row] for row in lam.tolist()]
+    [[1.996, 0.999], [0.666, 0.999]]
   """
+  validation.check_number("precision", "eps", eps, strict=True,
+                          fix="It is the relative variance floor; 1e-3 is the default.")
   mean_var = touched_mean(var, touched)
   relative_var = var / jnp.where(mean_var > 0, mean_var, 1)
   return jnp.where(touched, 1.0 / (relative_var + eps), 0.0)
@@ -73,7 +92,15 @@ def evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0)
 
   Returns:
     ``[S, ...]`` non-negative evidence.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> lam = jnp.array([[3.0, 1.0], [1.0, 1.0]])
+    >>> bj.evidence.evidence(lam, jnp.ones((2, 2), bool), kappa=2.0).tolist()
+    [[3.0, 2.0], [1.0, 2.0]]
   """
+  validation.check_number("evidence", "kappa", kappa)
+  validation.check_number("evidence", "gamma", gamma)
   mean_lam = touched_mean(lam, touched)
   ratio = lam / jnp.where(mean_lam > 0, mean_lam, 1)
   return jnp.where(touched, kappa * jnp.power(ratio, gamma), 0.0)
@@ -86,7 +113,15 @@ def simple_support_opinion(e: Array, prior_weight: float = 1.0) -> tuple[Array, 
 
   Returns:
     ``(b, u)``, each shaped like ``e``; ``b + u = 1``.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> b, u = bj.evidence.simple_support_opinion(jnp.array([0.0, 1.0, 3.0]))
+    >>> b.tolist(), u.tolist()
+    ([0.0, 0.5, 0.75], [1.0, 0.5, 0.25])
   """
+  validation.check_number("simple_support_opinion", "prior_weight", prior_weight,
+                          strict=True)
   total = e + prior_weight
   return e / total, prior_weight / total
 
@@ -105,6 +140,14 @@ def dempster_combine(b1: Array, u1: Array, b2: Array, u2: Array) -> tuple[Array,
 
   Returns:
     ``(b, u)`` of the fused opinion.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> b1, u1 = jnp.array([0.5, 0.0]), jnp.array(0.5)  # belief on singleton 0
+    >>> b2, u2 = jnp.array([0.0, 0.5]), jnp.array(0.5)  # belief on singleton 1
+    >>> b, u = bj.evidence.dempster_combine(b1, u1, b2, u2)
+    >>> [round(x, 4) for x in b.tolist()], round(float(u), 4)
+    ([0.3333, 0.3333], 0.3333)
   """
   conflict = jnp.sum(b1, axis=0) * jnp.sum(b2, axis=0) - jnp.sum(b1 * b2, axis=0)
   norm = 1.0 - conflict
@@ -122,6 +165,13 @@ def dempster_fold(beliefs: Array, uncertainties: Array) -> tuple[Array, Array]:
 
   Returns:
     ``(b, u)``: ``[K, ...]`` fused singleton masses and ``[...]`` fused frame mass.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> beliefs = jnp.array([[0.5, 0.0], [0.0, 0.5], [0.25, 0.25]])  # [S=3, K=2]
+    >>> b, u = bj.evidence.dempster_fold(beliefs, jnp.array([0.5, 0.5, 0.5]))
+    >>> [round(x, 4) for x in b.tolist()], round(float(u), 4)
+    ([0.4, 0.4], 0.2)
   """
   fused_b, fused_u = beliefs[0], uncertainties[0]
   for s in range(1, beliefs.shape[0]):
@@ -136,6 +186,11 @@ def simple_supports_on_sources(beliefs: Array) -> Array:
   ``K = S`` singletons is ``beliefs[s] * onehot(s)``. The result is ``[S, S, ...]``; it is
   meant for checking :func:`fuse_simple_supports` against :func:`dempster_fold`, not for
   the calibration itself, which never builds it.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> bj.evidence.simple_supports_on_sources(jnp.array([0.5, 0.25])).tolist()
+    [[0.5, 0.0], [0.0, 0.25]]
   """
   num_sources = beliefs.shape[0]
   onehot = jnp.eye(num_sources, dtype=beliefs.dtype).reshape(
@@ -165,7 +220,20 @@ def fuse_simple_supports(e: Array, prior_weight: float = 1.0) -> tuple[Array, Ar
   Returns:
     ``(m, m_theta)``: ``[S, ...]`` fused singleton masses ``m({s})`` and ``[...]`` the
     fused frame mass ``m(Theta)``.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> e = jnp.array([1.0, 3.0])
+    >>> m, m_theta = bj.evidence.fuse_simple_supports(e)
+    >>> [round(x, 4) for x in m.tolist()], round(float(m_theta), 4)
+    ([0.2, 0.6], 0.2)
+    >>> b, u = bj.evidence.simple_support_opinion(e)
+    >>> fb, fu = bj.evidence.dempster_fold(bj.evidence.simple_supports_on_sources(b), u)
+    >>> bool(jnp.allclose(fb, m)), bool(jnp.allclose(fu, m_theta))
+    (True, True)
   """
+  validation.check_number("fuse_simple_supports", "prior_weight", prior_weight,
+                          strict=True)
   total = prior_weight + jnp.sum(e, axis=0)
   return e / total, prior_weight / total
 
@@ -175,6 +243,13 @@ def pignistic_weights(m: Array, m_theta: Array, touched: Array) -> Array:
 
   They sum to 1 over the sources touching ``d`` and are 0 elsewhere (all 0 where no
   source touches ``d``).
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> m, m_theta = jnp.array([0.2, 0.6]), jnp.array(0.2)
+    >>> w = bj.evidence.pignistic_weights(m, m_theta, jnp.array([True, True]))
+    >>> [round(x, 4) for x in w.tolist()]
+    [0.3, 0.7]
   """
   count = _count(touched, m.dtype)
   share = m_theta / jnp.maximum(count, 1)
@@ -194,6 +269,12 @@ def dirichlet_opinion(e: Array) -> tuple[Array, Array]:
   Returns:
     ``(b, u)``: ``b`` shaped like ``e``; ``u`` shaped ``[S, 1, ...]`` (frame axes kept as
     size 1, so it broadcasts against ``b``).
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> b, u = bj.evidence.dirichlet_opinion(jnp.array([[2.0, 0.0], [0.0, 0.0]]))
+    >>> b.tolist(), u.tolist()
+    ([[0.5, 0.0], [0.0, 0.0]], [[0.5], [1.0]])
   """
   frame_axes = tuple(range(1, e.ndim))
   frame_size = e[0].size
@@ -208,7 +289,7 @@ def belief_shares(beliefs: Array, uncertainties: Array) -> Array:
   puts, on singleton ``d``, the unnormalised mass
   ``sum_{A != {}} prod_{s in A} b_s[d] prod_{s not in A} u_s`` (``A`` the sources that
   commit to ``d``). Splitting each term equally among the sources in ``A`` gives source
-  ``s`` the share
+  ``s`` the share::
 
       share_s[d] = sum_{A containing s} (1/|A|) prod_{t in A} b_t[d] prod_{t not in A} u_t
                  = b_s[d] * integral_0^1 prod_{t != s} (u_t + x b_t[d]) dx,
@@ -223,6 +304,13 @@ def belief_shares(beliefs: Array, uncertainties: Array) -> Array:
 
   Returns:
     ``[S, ...]`` non-negative shares.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> beliefs = jnp.array([[0.5], [0.5]])
+    >>> shares = bj.evidence.belief_shares(beliefs, jnp.array([[0.5], [0.5]]))
+    >>> shares[:, 0].tolist()  # b1 u2 + b1 b2 / 2 each: symmetric sources, equal shares
+    [0.375, 0.375]
   """
   num_sources = beliefs.shape[0]
   uncertainties = jnp.broadcast_to(uncertainties, beliefs.shape)

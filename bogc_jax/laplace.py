@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from bogc_jax import stats as stats_lib
+from bogc_jax import validation
 from bogc_jax.stats import GradStats
 
 PyTree = Any
@@ -75,7 +75,8 @@ def laplace_grad_stats(
   Args:
     losses_fn: ``(params, batch) -> [S, B]`` per-source, per-example losses.
     params: the parameter pytree.
-    batch: pytree of arrays with a leading batch axis.
+    batch: pytree of arrays with a leading batch axis (at least 2 examples over all
+      devices: the Fisher comes from :func:`bogc_jax.source_grad_stats`).
     key: a PRNG key for the draws (use the same key on every device).
     mask: pytree of booleans shaped like ``params`` (or ``params -> mask``): the
       parameters that get a posterior. The others are held fixed.
@@ -107,12 +108,13 @@ def laplace_grad_stats(
     Multi-Modal Learning with Bayesian-Oriented Gradient Calibration, arXiv 2505.23071
     (Laplace posterior on the last layer, Monte Carlo gradient moment matching).
   """
-  if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2:
-    raise ValueError(f"laplace_grad_stats: num_samples must be an int >= 2 (a variance "
-                     f"needs two draws); got {num_samples!r}.")
-  if isinstance(damping, numbers.Real) and not damping > 0:
-    raise ValueError(f"laplace_grad_stats: damping must be > 0 (it keeps the posterior "
-                     f"proper where the Fisher is 0); got {damping!r}.")
+  validation.check_int("laplace_grad_stats", "num_samples", num_samples, minimum=2,
+                       fix="A variance needs two Monte Carlo draws; 8 is the default.")
+  validation.check_number("laplace_grad_stats", "damping", damping, strict=True,
+                          fix="It keeps the posterior proper where the Fisher is 0; 1.0 "
+                          "is the default.")
+  validation.check_num_examples("laplace_grad_stats", stats_lib.batch_size_of(batch),
+                                axis_name)
   chosen, rebuild, scatter = _split(params, mask)
 
   def chosen_losses(chosen_leaves, b):
@@ -126,13 +128,15 @@ def laplace_grad_stats(
   num_sources = per_example.num_sources
 
   def batch_mean_grad(source, leaves):
-    def mean_loss(ls):
-      total = jnp.sum(chosen_losses(ls, batch)[source])
-      if axis_name is not None:
-        total = jax.lax.psum(total, axis_name)
-      return total / n
+    def local_loss(ls):
+      return jnp.sum(chosen_losses(ls, batch)[source])
 
-    return jax.grad(mean_loss)(leaves)
+    if axis_name is None:
+      return jax.tree.map(lambda g: g / n, jax.grad(local_loss)(leaves))
+    # Gradient of this device's examples, then an explicit sum over devices (correct
+    # with or without shard_map's check_vma).
+    local = jax.grad(local_loss)(stats_lib.as_varying(leaves, axis_name))
+    return jax.tree.map(lambda g: jax.lax.psum(g, axis_name) / n, local)
 
   keys = jax.random.split(key, len(chosen))
 

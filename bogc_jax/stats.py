@@ -141,6 +141,26 @@ def all_reduce_moments(moments: Moments, axis_name) -> Moments:
   return Moments(count, mean, m2)
 
 
+def as_varying(tree: PyTree, axis_name) -> PyTree:
+  """Mark every leaf as varying over ``axis_name`` (inside ``shard_map``).
+
+  Differentiating with respect to a value that is invariant over a mapped axis (e.g.
+  replicated params) makes JAX sum the gradient over that axis; per-device (per-example)
+  gradients need the value marked varying first. Leaves already varying are left as is;
+  without ``check_vma`` this is the identity.
+  """
+  axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def one(x):
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", ())
+    missing = tuple(a for a in axes if a not in (varying or ()))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(one, tree)
+
+
 def grad_stats_from_moments(moments: Moments) -> GradStats:
   """Finalise moments into :class:`GradStats` (unbiased variance, ddof = 1)."""
   denom = jnp.maximum(moments.count - 1.0, 1.0)
@@ -159,6 +179,18 @@ def merge_grad_stats(a: GradStats, b: GradStats) -> GradStats:
   """Statistics of the union of two disjoint batches, from the statistics of each.
 
   Exact (Chan's formula); use it to accumulate statistics over micro-batches.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> params = {"w": jnp.ones(2)}
+    >>> x = jnp.arange(12.0).reshape(6, 2)
+    >>> losses_fn = lambda p, x: jnp.stack([x @ p["w"], (x @ p["w"]) ** 2])
+    >>> parts = [bj.source_grad_stats(losses_fn, params, x[:2], method="vmap"),
+    ...          bj.source_grad_stats(losses_fn, params, x[2:], method="vmap")]
+    >>> merged = bj.merge_grad_stats(*parts)
+    >>> whole = bj.source_grad_stats(losses_fn, params, x, method="vmap")
+    >>> float(merged.count), bool(jnp.allclose(merged.var["w"], whole.var["w"]))
+    (6.0, True)
   """
   return grad_stats_from_moments(
       merge_moments(moments_from_grad_stats(a), moments_from_grad_stats(b)))
@@ -198,12 +230,41 @@ def _vmap_moments(losses_fn: LossesFn, params: PyTree, batch: PyTree) -> Moments
   return moments_from_samples(per_example, axis=1)
 
 
+def _num_batch_shards(x) -> int:
+  """How many devices split ``x``'s first axis under explicit sharding (else 1)."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return 1
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  shards = 1
+  for name in names:
+    shards *= sharding.mesh.shape[name]
+  return shards
+
+
 def _chunked_moments(moments_fn, losses_fn, params, batch, chunk_size: int) -> Moments:
-  """Stream the batch in chunks through ``lax.scan``, merging moments with Chan."""
+  """Stream the batch in chunks through ``lax.scan``, merging moments with Chan.
+
+  Chunk ``j`` holds examples ``j, j + num_chunks, j + 2 num_chunks, ...`` (a strided
+  split; the merge does not depend on the order). A batch sharded over devices along
+  its first axis (contiguous blocks) then keeps every chunk spread over all devices, so
+  each device streams its own examples and nothing is gathered; under explicit sharding
+  (the default of ``jax.make_mesh``) this needs ``chunk_size`` to be a multiple of the
+  number of devices the batch axis is split over.
+  """
   n = batch_size_of(batch)
   num_chunks = n // chunk_size
+  for leaf in jax.tree.leaves(batch):
+    shards = _num_batch_shards(leaf)
+    if chunk_size % shards:
+      raise ValueError(
+          f"chunk_size={chunk_size} is not a multiple of the {shards} devices the batch "
+          f"axis is sharded over; pick a chunk_size that is (each device then streams "
+          f"chunk_size / {shards} of its own examples per chunk).")
   chunks = jax.tree.map(
-      lambda x: jnp.reshape(x, (num_chunks, chunk_size) + jnp.shape(x)[1:]), batch)
+      lambda x: jnp.swapaxes(
+          jnp.reshape(x, (chunk_size, num_chunks) + jnp.shape(x)[1:]), 0, 1), batch)
   first = jax.tree.map(lambda x: x[0], chunks)
   rest = jax.tree.map(lambda x: x[1:], chunks)
   init = moments_fn(losses_fn, params, first)
@@ -230,12 +291,11 @@ def check_losses(losses: jax.ShapeDtypeStruct, n: int) -> int:
 
 def check_params(params: PyTree) -> None:
   """Every parameter leaf must be a floating array."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise TypeError(
-          f"params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; "
-          "gradient statistics need floating parameters. Keep integer state (counters, "
-          "indices) out of the params tree, e.g. with nnx.state(model, nnx.Param).")
+  from bogc_jax import validation  # pylint: disable=g-import-not-at-top
+  validation.check_floating(
+      "source_grad_stats", "params", params,
+      fix="Gradient statistics need floating parameters. Keep integer state (counters, "
+      "indices) out of the params tree, e.g. with nnx.state(model, nnx.Param).")
 
 
 def source_grad_stats(
@@ -261,7 +321,9 @@ def source_grad_stats(
   Args:
     losses_fn: ``(params, batch) -> [S, B]`` per-source, per-example losses.
     params: any pytree of floating arrays.
-    batch: pytree of arrays whose leaves share a leading batch axis ``B``.
+    batch: pytree of arrays whose leaves share a leading batch axis ``B``; ``B >= 2``
+      over all devices (a ddof = 1 variance needs two examples; a batch of one is an
+      error).
     method: ``"vmap"`` materialises per-example gradients with ``jax.vmap`` of
       ``jax.jacrev`` (the reference); ``"fast"`` computes exact per-layer moments
       without materialising them; ``"auto"`` uses the fast path for the layers it
@@ -291,6 +353,8 @@ def source_grad_stats(
     raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
   check_params(params)
   n = batch_size_of(batch)
+  from bogc_jax import validation  # pylint: disable=g-import-not-at-top
+  validation.check_num_examples("source_grad_stats", n, axis_name)
   if chunk_size is not None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
@@ -307,6 +371,9 @@ def source_grad_stats(
     from bogc_jax import fast_stats  # pylint: disable=g-import-not-at-top
     moments_fn = fast_stats.fast_moments if method == "fast" else fast_stats.auto_moments
 
+  if axis_name is not None:
+    # Per-example gradients of this device's examples only (not summed over devices).
+    params = as_varying(params, axis_name)
   if chunk_size is None or chunk_size == n:
     moments = moments_fn(losses_fn, params, batch)
   else:

@@ -1,9 +1,10 @@
-"""Quickstart: the fixed-weight sum against BOGC on two views of UCI Multiple Features.
+"""Quickstart: the fixed-weight sum against BOGC (and CGGM, OGM-GE, MMPareto) on UCI digits.
 
 A two-modality Flax NNX model (one MLP encoder per view, a concat fusion head, one
 unimodal head per view) is trained on 1,500 handwritten digits and tested on 500, once
 with the fixed-weight sum of the three losses (fusion + one per view) and once with the
-same gradient calibrated by ``bj.bogc``. The only change to the training step is one
+same gradient calibrated by ``bj.bogc`` (``--methods`` adds ``cggm``, ``ogm_ge`` and
+``mmpareto``). The only change to the training step is one
 transform in the optax chain and the statistics it reads:
 
     stats = bj.source_grad_stats(losses_fn, params, batch)      # per-source mean, var
@@ -76,12 +77,6 @@ class TwoViewNet(nnx.Module):
   def features(self, views):
     return [enc(x) for enc, x in zip(self.encoders, views)]
 
-  def __call__(self, views):
-    feats = self.features(views)
-    fused = self.fusion_head(jnp.concatenate(feats, axis=-1))
-    unimodal = [head(h) for head, h in zip(self.unimodal_heads, feats)]
-    return fused, unimodal, feats
-
   def branch_logits(self, feats):
     """Each view's own slice of the fusion head: ``h_m @ W_m + b / M``."""
     kernel = self.fusion_head.kernel[...]
@@ -94,6 +89,25 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+METHODS = ("sum", "bogc", "cggm", "ogm_ge", "mmpareto")
+
+
+def make_transform(method, base, num_views):
+  """The optax chain of one method; every method changes only this line."""
+  labels = lambda p: bj.label_params(p, {"encoders": bj.labels.INDEX}, default=None)
+  if method == "sum":
+    return base
+  if method == "bogc":
+    return optax.chain(bj.bogc(num_sources=1 + num_views), base)
+  if method == "cggm":
+    return optax.chain(bj.cggm(labels, rho=1.3), optax.clip_by_global_norm(0.8), base)
+  if method == "ogm_ge":
+    return optax.chain(bj.ogm_ge(labels, alpha=0.1), base)
+  if method == "mmpareto":
+    return optax.chain(bj.mmpareto(labels), base)
+  raise ValueError(f"--methods: unknown method {method!r}; choose from {METHODS}.")
+
+
 def run(method, views, labels, train_idx, test_idx, *, epochs, batch_size, lr, hidden,
         seed, optimizer):
   """Train one model; return test accuracies (fused, per-view branch and head)."""
@@ -101,26 +115,43 @@ def run(method, views, labels, train_idx, test_idx, *, epochs, batch_size, lr, h
   model = TwoViewNet([v.shape[1] for v in views], hidden, num_classes,
                      rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  num_sources = 1 + len(views)
+  # CGGM and OGM-GE read the unimodal heads as monitors: they see stop-gradient
+  # features, so the encoders learn from the fusion loss alone.
+  monitor_heads = method in ("cggm", "ogm_ge")
+
+  def forward(p, xs):
+    net = nnx.merge(graphdef, p)
+    feats = net.features(xs)
+    fused = net.fusion_head(jnp.concatenate(feats, axis=-1))
+    head_in = [jax.lax.stop_gradient(h) for h in feats] if monitor_heads else feats
+    unimodal = [head(h) for head, h in zip(net.unimodal_heads, head_in)]
+    return fused, unimodal, net.branch_logits(feats)
 
   def losses_fn(p, batch):
     xs, y = batch
-    fused, unimodal, _ = nnx.merge(graphdef, p)(xs)
+    fused, unimodal, _ = forward(p, xs)
     return jnp.stack([cross_entropy(fused, y)] + [cross_entropy(u, y) for u in unimodal])
 
   base = (optax.adam(lr) if optimizer == "adam" else optax.sgd(lr, momentum=0.9))
-  tx = optax.chain(bj.bogc(num_sources), base) if method == "bogc" else base
+  tx = make_transform(method, base, len(views))
   opt_state = tx.init(params)
 
   @jax.jit
   def step(p, opt_state, batch):
-    if method == "bogc":
-      stats = bj.source_grad_stats(losses_fn, p, batch)
-      grads = stats.fixed_weight_grads()
-      updates, opt_state = tx.update(grads, opt_state, p, grad_stats=stats)
+    xs, y = batch
+    grads = jax.grad(lambda q: jnp.sum(jnp.mean(losses_fn(q, batch), axis=1)))(p)
+    if method in ("bogc", "mmpareto"):
+      extra = {"grad_stats": bj.source_grad_stats(losses_fn, p, batch)}
+    elif method == "cggm":
+      _, unimodal, _ = forward(p, xs)
+      extra = {"modality_scores": jnp.stack([bj.metrics.accuracy(u, y) for u in unimodal])}
+    elif method == "ogm_ge":
+      _, _, branches = forward(p, xs)
+      extra = {"modality_scores": jnp.stack([bj.metrics.confidence(b, y)
+                                             for b in branches])}
     else:
-      grads = jax.grad(lambda q: jnp.sum(jnp.mean(losses_fn(q, batch), axis=1)))(p)
-      updates, opt_state = tx.update(grads, opt_state, p)
+      extra = {}
+    updates, opt_state = tx.update(grads, opt_state, p, **extra)
     return optax.apply_updates(p, updates), opt_state
 
   rng = np.random.default_rng(seed)
@@ -132,14 +163,13 @@ def run(method, views, labels, train_idx, test_idx, *, epochs, batch_size, lr, h
       batch = ([jnp.asarray(v[idx]) for v in views], jnp.asarray(labels[idx]))
       params, opt_state = step(params, opt_state, batch)
 
-  trained = nnx.merge(graphdef, params)
   xs = [jnp.asarray(v[test_idx]) for v in views]
   y = np.asarray(labels[test_idx])
-  fused, unimodal, feats = trained(xs)
+  fused, unimodal, branches = forward(params, xs)
   acc = lambda logits: float(np.mean(np.asarray(jnp.argmax(logits, -1)) == y))
   return {
       "fused": acc(fused),
-      "branch": [acc(b) for b in trained.branch_logits(feats)],
+      "branch": [acc(b) for b in branches],
       "head": [acc(u) for u in unimodal],
   }
 
@@ -148,7 +178,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--views", default="fou,pix",
                       help=f"two or more of {','.join(VIEWS)} (default fou,pix)")
-  parser.add_argument("--methods", default="sum,bogc")
+  parser.add_argument("--methods", default="sum,bogc",
+                      help=f"comma-separated, from {','.join(METHODS)}")
   parser.add_argument("--epochs", type=int, default=20)
   parser.add_argument("--batch-size", type=int, default=50)
   parser.add_argument("--lr", type=float, default=0.01)
@@ -171,8 +202,8 @@ def main(argv=None):
     std = [v[train_idx].std(0) + 1e-6 for v in views]
     normed = [(v - m) / s for v, m, s in zip(views, mean, std)]
     for method in args.methods.split(","):
-      if method not in ("sum", "bogc"):
-        raise ValueError(f"--methods: unknown method {method!r}; use sum and/or bogc.")
+      if method not in METHODS:
+        raise ValueError(f"--methods: unknown method {method!r}; choose from {METHODS}.")
       res = run(method, normed, labels, train_idx, test_idx, epochs=args.epochs,
                 batch_size=args.batch_size, lr=args.lr, hidden=args.hidden, seed=seed,
                 optimizer=args.optimizer)
