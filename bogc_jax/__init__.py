@@ -17,6 +17,7 @@ from bogc_jax.cggm import cggm
 from bogc_jax.cggm import cggm_coefficients
 from bogc_jax.cggm import cggm_direction_loss
 from bogc_jax.labels import label_params
+from bogc_jax.fast_stats import fast_stats_plan
 from bogc_jax.laplace import laplace_grad_stats
 from bogc_jax.stats import GradStats
 from bogc_jax.stats import merge_grad_stats

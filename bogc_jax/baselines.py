@@ -124,7 +124,8 @@ def _leaf_std(g: jax.Array) -> jax.Array:
   g = g.astype(jnp.float32)
   if g.size < 2:
     return jnp.zeros([], jnp.float32)
-  return jnp.std(g, ddof=1)
+  scale = _max_abs([g])  # no overflow of the squares at large gradient scales
+  return scale * jnp.std(g / scale, ddof=1)
 
 
 def ogm_ge(
@@ -297,6 +298,12 @@ def _sq(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(x))
 
 
+def _max_abs(xs: Sequence[jax.Array]) -> jax.Array:
+  """The largest ``|entry|`` of the arrays (1 when they are all zero): a safe divisor."""
+  top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs]))
+  return jnp.where(top > 0, top, 1.0)
+
+
 def mmpareto(
     param_labels: labels_lib.ParamLabels,
     gamma: float = 1.5,
@@ -443,9 +450,15 @@ def mmpareto(
       idx = [n for n, l in enumerate(leaf_labels) if l == i]
       g_f = [means[n][fusion_idx].astype(jnp.float32) for n in idx]
       g_u = [means[n][mods[i]].astype(jnp.float32) for n in idx]
-      v11 = sum((_sq(a) for a in g_f), jnp.zeros([], jnp.float32))
-      v22 = sum((_sq(b) for b in g_u), jnp.zeros([], jnp.float32))
-      v12 = sum((jnp.sum(a * b) for a, b in zip(g_f, g_u)), jnp.zeros([], jnp.float32))
+      # Inner products of the gradients divided by their largest entry: cosines, weights
+      # and norm ratios do not depend on the scale, and squares neither overflow (1e20)
+      # nor underflow (1e-20) in float32.
+      scale = _max_abs(g_f + g_u)
+      a_hat = [a / scale for a in g_f]
+      b_hat = [b / scale for b in g_u]
+      v11 = sum((_sq(a) for a in a_hat), jnp.zeros([], jnp.float32))
+      v22 = sum((_sq(b) for b in b_hat), jnp.zeros([], jnp.float32))
+      v12 = sum((jnp.sum(a * b) for a, b in zip(a_hat, b_hat)), jnp.zeros([], jnp.float32))
       ok = (v11 > 0) & (v22 > 0)
       norms_product = jnp.sqrt(jnp.where(ok, v11, 1.0)) * jnp.sqrt(jnp.where(ok, v22, 1.0))
       cos = jnp.where(ok, v12 / norms_product, 0.0)
@@ -453,18 +466,22 @@ def mmpareto(
       cosines.append(cos)
       weights.append(jnp.stack([c, 1.0 - c]))
       d = [2.0 * (c * a + (1.0 - c) * b) for a, b in zip(g_f, g_u)]
+      d_hat = [2.0 * (c * a + (1.0 - c) * b) for a, b in zip(a_hat, b_hat)]  # d / scale
       g = [leaves[n].astype(jnp.float32) for n in idx]
-      d_sq_group = sum((_sq(x) for x in d), jnp.zeros([], jnp.float32))
+      d_sq_group = sum((_sq(x) for x in d_hat), jnp.zeros([], jnp.float32))
       # No common descent direction: d vanishes up to rounding (|d| <= 1e-6 |longest|).
       degenerate = d_sq_group <= _DEGENERATE * 4.0 * jnp.maximum(v11, v22)
       if rescale == "group":
-        g_sq = sum((_sq(x) for x in g), jnp.zeros([], jnp.float32))
-        norms = [(d_sq_group, g_sq)] * len(idx)
+        g_scale = _max_abs(g)
+        g_sq = sum((_sq(x / g_scale) for x in g), jnp.zeros([], jnp.float32))
+        norms = [(d_sq_group, g_sq, g_scale)] * len(idx)
       else:
-        norms = [(_sq(x), _sq(y)) for x, y in zip(d, g)]
-      for n, dn, gn, (d_sq, g_sq) in zip(idx, d, g, norms):
+        norms = [(_sq(x), _sq(y / _max_abs([y])), _max_abs([y])) for x, y in zip(d_hat, g)]
+      for n, dn, gn, (d_sq, g_sq, g_scale) in zip(idx, d, g, norms):
         use_d = (d_sq > 0) & ~degenerate
-        factor = jnp.maximum(jnp.sqrt(g_sq) / jnp.sqrt(jnp.where(use_d, d_sq, 1.0)), 1.0)
+        # |g| / |d| = (g_scale / scale) * |g / g_scale| / |d / scale|
+        ratio = jnp.sqrt(g_sq) / jnp.sqrt(jnp.where(use_d, d_sq, 1.0))
+        factor = jnp.maximum(ratio * (g_scale / scale), 1.0)
         out = jnp.where(use_d, gamma * factor * dn, gamma * gn)
         # A non-finite input: the gradient passes unchanged (see the docstring).
         new_leaves[n] = jnp.where(finite, out.astype(leaves[n].dtype), leaves[n])

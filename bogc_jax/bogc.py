@@ -45,7 +45,7 @@ def _calibrate_leaf(mean, var, count, *, kappa, gamma, prior_weight, eps, aggreg
   """Calibrated gradient and diagnostics for one leaf. ``mean``/``var``: ``[S, ...]``."""
   touched = (mean != 0) | (var != 0)
   num_touching = jnp.sum(touched, axis=0).astype(mean.dtype)
-  lam = ev.precision(var / count.astype(var.dtype), touched, eps)
+  lam = ev.precision(var / count.astype(var.dtype), mean, touched, eps)
   if aggregation == "precision":
     weights = lam / jnp.where(num_touching > 0, jnp.sum(lam, axis=0), 1)
     uncertainty = jnp.zeros((), mean.dtype)
@@ -92,7 +92,7 @@ def bogc(
 
   .. math::
 
-    \lambda_{s,d} = 1 / (v_{s,d} + \epsilon\,\overline{v}_{d}), \quad
+    \lambda_{s,d} = 1 / (v_{s,d} + \epsilon\,\overline{\mu^2}_{d}), \quad
     e_{s,d} = \kappa\,(\lambda_{s,d} / \overline{\lambda}_{d})^{\gamma}, \quad
     m_d(\{s\}) = \frac{e_{s,d}}{W + \sum_t e_{t,d}}, \quad
     m_d(\Theta) = \frac{W}{W + \sum_t e_{t,d}},
@@ -141,7 +141,9 @@ def bogc(
     kappa: evidence strength, >= 0 (0 recovers the fixed-weight sum).
     gamma: evidence sharpness, >= 0 (0 recovers the fixed-weight sum).
     prior_weight: ``W > 0``, the prior (uncertainty) weight of each opinion.
-    eps: relative variance floor, > 0.
+    eps: weight of the signal-to-noise floor ``eps * mean_T mu**2`` added to every
+      variance (no source counts as more precise than a signal-to-noise ratio of
+      ``1 / eps``), > 0.
     aggregation: ``"dempster"`` (default), ``"precision"``, ``"dimension_frame"`` or
       ``"sum"``.
     mask: pytree of booleans shaped like the params (or a callable ``grads -> mask``):

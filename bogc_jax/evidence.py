@@ -7,8 +7,8 @@ gradient reaches ``d``; the others are *vacuous* there (no evidence, full uncert
 
 The chain, for coordinate ``d`` and source ``s`` in ``T_d``:
 
-    vbar_d   = mean_{T_d} v[., d]
-    lam[s,d] = 1 / (v[s, d] + eps * vbar_d)     (returned times vbar_d)   precision
+    floor_d  = eps * mean_{T_d} mu[., d]**2
+    lam[s,d] = 1 / (v[s, d] + floor_d)          (up to a factor common to T_d)   precision
     e[s,d]   = kappa * (lam[s, d] / mean_{T_d} lam[., d]) ** gamma     evidence
     b[s,d]   = e / (e + W),   u[s,d] = W / (e + W)                    opinion
 
@@ -45,37 +45,53 @@ def touched_mean(x: Array, touched: Array) -> Array:
   return total / jnp.maximum(_count(touched, x.dtype), 1)
 
 
-def precision(var: Array, touched: Array, eps: float = 1e-3) -> Array:
-  """Per-coordinate precision with a relative floor, in units of the mean variance.
+def precision(var: Array, mean: Array, touched: Array, eps: float = 1e-3) -> Array:
+  """Per-coordinate precision with a signal-to-noise floor, relative to its mean.
 
-  ``lam[s, d] = 1 / (v[s, d] + floor_d)`` with ``floor_d = eps * vbar_d`` and
-  ``vbar_d = mean_{s in T_d} v[s, d]``. Only ratios of precisions between sources enter
-  the calibration, so this returns the dimensionless ``lam[s, d] * vbar_d``
-  ``= 1 / (v[s, d] / vbar_d + eps)``, which cannot overflow or underflow whatever the
-  gradient scale. Multiplying every variance by ``c**2`` leaves it unchanged (the floor
-  is relative). Where every touching source has zero variance, all are equally precise
-  (``1 / eps``). Untouched entries are 0.
+  ``lam[s, d] = 1 / (v[s, d] + floor_d)`` with ``floor_d = eps * mean_{s in T_d}
+  mu[s, d]**2``: no source is trusted beyond a signal-to-noise ratio of ``1 / eps``. The
+  floor depends on the means only, so raising one source's variance lowers its own
+  precision and leaves every other source's unchanged (a source's weight then never
+  rises, for any evidence sharpness). Only ratios of precisions between sources enter
+  the calibration, so this returns the dimensionless
+
+      lam[s, d] * nbar_d = nbar_d / (v[s, d] + floor_d),
+      nbar_d = mean_{s in T_d} (v[s, d] + floor_d),
+
+  which does not overflow or underflow whatever the gradient scale (it is clamped at
+  ``1e30``). Multiplying every mean by ``c`` and every variance by ``c**2`` leaves it
+  unchanged. Where every touching source has zero variance, all are equally precise.
+  A touched source has a non-zero mean or variance, so ``v + floor > 0``. Untouched
+  entries are 0.
 
   Args:
-    var: ``[S, ...]`` non-negative variances.
+    var: ``[S, ...]`` non-negative variances (of the batch-mean gradients).
+    mean: ``[S, ...]`` mean gradients.
     touched: ``[S, ...]`` booleans, the sources touching each coordinate.
-    eps: relative floor, > 0.
+    eps: the floor's weight (an inverse signal-to-noise ratio), > 0.
 
   Returns:
-    ``[S, ...]`` precisions relative to ``1 / vbar_d``, 0 where not touched.
+    ``[S, ...]`` precisions relative to ``1 / nbar_d``, 0 where not touched.
 
   Example:
     >>> import jax.numpy as jnp, bogc_jax as bj
     >>> var = jnp.array([[1.0, 4.0], [3.0, 4.0]])  # 2 sources, 2 coordinates
-    >>> lam = bj.evidence.precision(var, jnp.ones((2, 2), bool))
+    >>> mean = jnp.ones((2, 2))
+    >>> lam = bj.evidence.precision(var, mean, jnp.ones((2, 2), bool))
     >>> [[round(x, 3) for x in row] for row in lam.tolist()]
-    [[1.996, 0.999], [0.666, 0.999]]
+    [[1.999, 1.0], [0.667, 1.0]]
   """
   validation.check_number("precision", "eps", eps, strict=True,
-                          fix="It is the relative variance floor; 1e-3 is the default.")
-  mean_var = touched_mean(var, touched)
-  relative_var = var / jnp.where(mean_var > 0, mean_var, 1)
-  return jnp.where(touched, 1.0 / (relative_var + eps), 0.0)
+                          fix="It weighs the signal-to-noise floor; 1e-3 is the default.")
+  # In units of the largest |mean| or std at the coordinate: the squares below neither
+  # overflow nor underflow at any gradient scale, and the ratios are unchanged.
+  unit = jnp.max(jnp.where(touched, jnp.maximum(jnp.abs(mean), jnp.sqrt(var)), 0), axis=0)
+  unit = jnp.where(unit > 0, unit, 1)
+  floor = eps * touched_mean(jnp.square(mean / unit), touched)
+  noise = var / unit / unit + floor
+  mean_noise = touched_mean(noise, touched)
+  relative_noise = noise / jnp.where(mean_noise > 0, mean_noise, 1)
+  return jnp.where(touched, 1.0 / jnp.maximum(relative_noise, 1e-30), 0.0)
 
 
 def evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0) -> Array:

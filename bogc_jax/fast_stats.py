@@ -1,49 +1,58 @@
 """Exact per-example gradient moments per layer, without per-example gradients of the model.
 
 For an example ``i`` and a source ``s``, a dense layer ``y = x @ W`` has the per-example
-gradient ``g[s, i] = x_i^T delta[s, i]``, where ``delta[s, i] = d loss[s, i] / d y_i`` is the
-output cotangent of that layer. Every ``delta`` of every layer comes from one backward
+gradient ``g[s, i] = x_i delta[s, i]^T``, where ``delta[s, i] = d loss[s, i] / d y_i`` is
+the output cotangent of that layer. Every ``delta`` of every layer comes from one backward
 pass per source: perturb each layer's output ``y`` by a zero-valued ``p`` and differentiate
 the source's summed loss with respect to ``p``; as example ``i``'s loss reads only row
 ``i`` of ``y``, row ``i`` of the result is ``delta[s, i]``. The moments over the ``n``
-examples then follow from the layer's inputs and cotangents alone. With centred inputs
-``x' = x - mean(x)`` and cotangents ``d' = delta - mean(delta)`` (one column per feature),
-and ``c = (1/n) sum_i x'_i d'_i^T``:
+examples then follow from the layer's inputs and cotangents alone (outer products over
+the input and output features implied):
 
-    mean = mean(x) mean(d)^T + c
-    m2   = sum_i (g_i - mean)**2
-         = mean(x)**2 sum_i d'_i**2 + sum_i x'_i**2 mean(d)**2
-           + (sum_i x'_i**2 d'_i**2 - n c**2) + 2 n mean(x) mean(d) c
-           + 2 mean(x) sum_i x'_i d'_i**2 + 2 mean(d) sum_i x'_i**2 d'_i
+    mean = (1/n) sum_i x_i delta_i
+    m2   = sum_i x_i**2 delta_i**2 - n mean**2                       (two products)
 
-(outer products over the input and output features implied), so the ``[n, D, K]``
-per-example gradients are never formed and only centred quantities are squared: the
-cancellation of ``sum g**2 - n mean**2`` is confined to the small centred term.
+The second form loses about ``n mean**2 / m2`` units in the last place. Where that ratio
+exceeds ``CANCELLATION_LIMIT`` anywhere in the layer, the layer is recomputed from
+centred inputs ``x' = x - mean(x)`` (``d' = delta - mean(delta)``, ``c = (1/n) sum x' delta``):
 
-The layers are found in the program of ``losses_fn`` itself: it is traced to a jaxpr (nested
-``jit`` calls and ``checkpoint`` blocks are inlined), every equation where a parameter
-(through reshapes, transposes and casts) meets data of the batch is a *tap*, and the rule
-that applies to it is chosen per parameter leaf:
+    m2   = mean(x)**2 sum_i d'_i**2 + (sum_i x'_i**2 delta_i**2 - n c**2)
+           + 2 mean(x) sum_i x'_i delta_i d'_i                       (three products)
 
-- ``dense``: ``dot_general`` with one position per example (inputs ``[B, D]``): closed form
-  above, no per-example gradient formed.
+which is exact too and squares only centred terms. The ``[n, D, K]`` per-example
+gradients are never formed.
+
+The layers are found in the program of ``losses_fn`` itself, so models need no change:
+the per-example losses are traced to a jaxpr (nested ``jit`` calls and ``checkpoint``
+blocks are inlined), every equation where a parameter (through its own batch-free
+computation: reshapes, casts, ``softplus``, ...) meets data of the batch is a *tap*, and
+a rule is chosen per parameter leaf (:func:`fast_stats_plan` shows which):
+
+- ``dense``: ``dot_general`` with one position per weight and example (``[B, D]`` inputs,
+  also grouped/batched einsums): the closed form above.
 - ``embedding``: a row ``gather`` (``jnp.take``, ``nnx.Embed``): rows repeated within an
-  example are summed first (``g_i`` is the sum over its positions), then centred moments
+  example are summed first (``g_i[r]`` sums its positions), then exact centred moments
   over the touched rows; memory of the order of the cotangents.
-- ``dense (shared positions)``, ``conv``, ``scale``, ``bias`` and any other tap:
-  per-example gradients of *that leaf only* are formed from the layer's inputs and
-  cotangents, streamed over the batch in chunks that hold at most ``2**23`` numbers;
-  exact two-pass moments per chunk, merged with Chan's formula. For ``[B, T, D]`` inputs
-  the per-example gradient is the sum over positions, whose square is not the sum of
-  squares, hence this path.
-- anything else (a parameter used inside ``scan``, ``while``, ``cond``, a
-  ``custom_jvp``/``custom_vjp`` function, or one that reaches the losses without meeting
-  the batch) is *unsupported*: ``method="auto"`` computes that leaf's moments with chunked
-  ``vmap`` (the reference), ``method="fast"`` raises an error that names the leaf.
+- ``dense (shared positions)`` (``[B, T, D]`` inputs) and ``conv`` (1-D/2-D/3-D, any
+  layout, strides, padding, kernel dilation; im2col): the per-example gradient sums over
+  positions, whose square is not the sum of squares, so the per-example gradients of
+  *that leaf only* are formed, a chunk of examples at a time.
+- ``scale``/``bias`` (``mul``/``add`` with a broadcast parameter, e.g. LayerNorm) and any
+  other tap (tied weights, reparameterised or ``custom_jvp`` uses): per-example gradients
+  of that leaf only, likewise.
+- unsupported (a parameter used inside ``scan``, ``while``, ``cond``, or one that reaches
+  the losses without meeting the batch): ``method="auto"`` computes those leaves with
+  ``vmap`` (the reference, chunked to bounded memory), ``method="fast"`` raises an error
+  that names them.
 
-Cost: one forward pass, one backward pass per source (sources that do not reach a layer
-skip it when the losses are stacked, e.g. with ``jnp.stack``), and the per-layer moments.
-Memory: the activations and the per-source cotangents of the taps, never ``B x P``.
+Per-example gradients of one leaf are streamed in chunks of at most
+``MATERIALISE_BUDGET`` numbers: exact two-pass moments per chunk, merged with Chan's
+formula. Moments are kept in float32 (float64 stays float64).
+
+Cost: one forward pass, one backward pass per source (a source built separately, e.g. a
+row of ``jnp.stack``, skips the layers it does not reach), and the per-layer products.
+Memory: the activations, the per-source cotangents of the taps and the chunks; never
+``B x P``. Examples must be independent (no batch statistics), as for ``vmap``.
 """
 
 from __future__ import annotations
@@ -66,6 +75,10 @@ PyTree = Any
 # this many numbers (examples x sources x leaf size): 2 MiB in float32, so that a chunk
 # stays in cache between forming the gradients and taking their moments.
 MATERIALISE_BUDGET = 1 << 19
+
+# The vmap fallback materialises per-example gradients of the unsupported leaves (with
+# the rest of a per-example backward pass) in chunks of at most this many numbers.
+VMAP_FALLBACK_BUDGET = 1 << 23
 
 # The dense rule's uncentred second moment loses about n mean**2 / m2 units in the last
 # place; above this ratio it is recomputed from centred inputs (three products, not two).
@@ -171,6 +184,31 @@ def _run(nodes, env, perturb=None):
       outs = [o if p is None else o + p for o, p in zip(outs, perturb[node.index])]
     for v, o in zip(node.outvars, outs):
       env[v] = o
+
+
+def _varying_axes(x) -> frozenset:
+  aval = x if isinstance(x, jax.core.ShapedArray) else jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  axes = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+  return frozenset(axes or ())
+
+
+def _zeros(aval):
+  """Zeros of ``aval``'s shape, dtype and varying axes.
+
+  A perturbation must vary over the axes its tap does: an invariant one would be summed
+  over the devices in the backward pass.
+  """
+  z = jnp.zeros(aval.shape, aval.dtype)
+  axes = tuple(_varying_axes(aval))
+  return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+
+def _typed_like(x, ref):
+  """``x`` marked varying over the mapped axes ``ref`` varies over (inside ``shard_map``)."""
+  want, have = _varying_axes(ref), _varying_axes(x)
+  missing = tuple(a for a in want if a not in have)
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _is_float(aval) -> bool:
@@ -291,9 +329,12 @@ def _trace(losses_fn, params, batch) -> tuple[_Program, Any, list, Any, list]:
   def flat_one(p_leaves, e_leaves):
     return one(jax.tree.unflatten(treedef, p_leaves), jax.tree.unflatten(example_def, e_leaves))
 
-  example_structs = [jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
-                     for x in example_leaves]
-  closed = jax.make_jaxpr(flat_one)(list(param_leaves), example_structs)
+  # Inside shard_map, one example's values (not just shapes), so that their types vary
+  # over the mapped axes as the batch does.
+  first_example = [x[0] if _varying_axes(x) else
+                   jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
+                   for x in example_leaves]
+  closed = jax.make_jaxpr(flat_one)(list(param_leaves), first_example)
   nodes, invars, outvars = _flatten(closed)
   num_params = len(param_leaves)
   param_vars, example_vars = invars[:num_params], invars[num_params:]
@@ -371,8 +412,8 @@ def _plan_leaf(k, pvar, uses, subgraph, reaches_output, consumers) -> _Plan:
   if reaches_output:
     return _Plan("vmap", "vmap (reaches the losses without meeting the batch)",
                  reason="reaches the losses without meeting the batch")
-  for node in subgraph + [u for u, _ in uses]:
-    if _has_subprograms(node):
+  for node, _ in uses:
+    if _has_subprograms(node) and not node.name.startswith("custom_"):
       return _Plan("vmap", f"vmap (used inside `{node.name}`)",
                    reason=f"is used inside a `{node.name}` equation, which the fast path "
                    "does not look into")
@@ -511,8 +552,8 @@ def _cotangents(program: _Program, param_leaves, example_leaves, num_sources, ta
         value = out[idx] if idx else out
         return value, {i: env[v] for i, v in wanted.items()}
 
-      zeros = {n.index: [jnp.zeros(v.aval.shape, v.aval.dtype) if _is_float(v.aval) else None
-                         for v in n.outvars] for n in taps}
+      zeros = {n.index: [_zeros(v.aval) if _is_float(v.aval) else None for v in n.outvars]
+               for n in taps}
       value, vjp, aux = jax.vjp(loss_s, zeros, has_aux=True)
       (cts,) = vjp(jnp.ones_like(value))
       for n in taps:
@@ -527,6 +568,22 @@ def _cotangents(program: _Program, param_leaves, example_leaves, num_sources, ta
 # Rules.
 
 
+def _replicated_if_sharded(*xs):
+  """``P()`` when an operand is sharded explicitly (a contraction over the examples then
+  needs its output sharding spelled out), else None."""
+  for x in xs:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec and any(s is not None for s in spec):
+      return jax.sharding.PartitionSpec()
+  return None
+
+
+def _contract(subscripts, x, y):
+  """``einsum`` at full precision whose output may sum over sharded examples."""
+  return jnp.einsum(subscripts, x, y, precision=_HIGHEST,
+                    out_sharding=_replicated_if_sharded(x, y))
+
+
 def _sum_examples(x, axis: int):
   """Sum over ``axis`` as a product with ones.
 
@@ -534,7 +591,8 @@ def _sum_examples(x, axis: int):
   multiplies by a vector of ones; the result is the same.
   """
   ones = jnp.ones((x.shape[axis],), x.dtype)
-  return jnp.tensordot(ones, x, axes=((0,), (axis,)), precision=_HIGHEST)
+  return jnp.tensordot(ones, x, axes=((0,), (axis,)), precision=_HIGHEST,
+                       out_sharding=_replicated_if_sharded(x))
 
 
 def _pull_back(chain, x, lead: int):
@@ -663,7 +721,7 @@ def _dense_moments(plan: _Plan, a, deltas, dtype):
   a_s = jnp.broadcast_to(a, d.shape[:1] + a.shape)                         # [S, n, g, c]
 
   def products(x, y):  # sum over the examples: [S, n, g, c] x [S, n, g, f] -> [S, g, c, f]
-    return jnp.einsum("sngc,sngf->sgcf", x, y, precision=_HIGHEST)
+    return _contract("sngc,sngf->sgcf", x, y)
 
   # Uncentred: two products per source; m2 = sum (a d)**2 - n mean**2.
   mean = products(a_s, d) / n
@@ -761,9 +819,11 @@ def _embedding_moments(plan: _Plan, indices, deltas, dtype):
   return layout(mean), layout(m2)
 
 
-def _chunk_for(n: int, per_example_numbers: int) -> int:
-  """The largest divisor of ``n`` whose chunk holds at most ``MATERIALISE_BUDGET`` numbers."""
-  cap = max(1, MATERIALISE_BUDGET // max(1, per_example_numbers))
+def _chunk_for(n: int, per_example_numbers: int, budget: int | None = None) -> int:
+  """The largest divisor of ``n`` whose chunk holds at most ``budget`` numbers
+  (default ``MATERIALISE_BUDGET``)."""
+  budget = MATERIALISE_BUDGET if budget is None else budget
+  cap = max(1, budget // max(1, per_example_numbers))
   if cap >= n:
     return n
   return max(d for d in range(1, cap + 1) if n % d == 0)
@@ -785,7 +845,10 @@ def _streamed_moments(grads_fn, xs, n: int, chunk: int):
   if chunk >= n:
     return moments(xs)
   num_chunks = n // chunk
-  chunks = jax.tree.map(lambda x: x.reshape((num_chunks, chunk) + x.shape[1:]), xs)
+  # Chunk j holds examples j, j + num_chunks, ...: a batch sharded in contiguous blocks
+  # keeps every chunk spread over all its devices.
+  chunks = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape((chunk, num_chunks) + x.shape[1:]), 0, 1), xs)
   first = moments(jax.tree.map(lambda x: x[0], chunks))
 
   def body(carry, chunk_xs):
@@ -860,9 +923,8 @@ def _per_layer_moments(program: _Program, k: int, plan: _Plan, base_env, inputs,
         res = _bind(node, full)
         return [res[i] for i in floats]
 
-      primals = [full_value for full_value in (ins[p] for p in positions)]
-      _, vjp = jax.vjp(apply, *primals)
-      return [x.astype(dtype) for x in vjp(cts)]
+      outs, vjp = jax.vjp(apply, *[ins[p] for p in positions])
+      return [x.astype(dtype) for x in vjp([_typed_like(c, o) for c, o in zip(cts, outs)])]
 
     vals = [value(v, chunk_inputs) for v in node.invars]
     in_axes = ([0 if e else None for e in ex],
@@ -881,8 +943,8 @@ def _per_layer_moments(program: _Program, k: int, plan: _Plan, base_env, inputs,
     return [env[v] if isinstance(v, _Var) else v.val for v in operand_vars]
 
   def pull_back(hs):  # per example: cotangents of the operands -> gradient of the leaf
-    hs = [h.astype(v.aval.dtype) for h, v in zip(hs, operand_vars)]
-    _, vjp = jax.vjp(operands_of, base_env[pvar])
+    outs, vjp = jax.vjp(operands_of, base_env[pvar])
+    hs = [_typed_like(h.astype(o.dtype), o) for h, o in zip(hs, outs)]
     return vjp(hs)[0].astype(dtype)
 
   ex_ids = sorted({id(v) for node, _ in uses for v in node.invars
@@ -1016,7 +1078,7 @@ def _vmap_leaves(losses_fn, treedef, param_leaves, ks, batch, n, num_sources):
 
   sub = [param_leaves[k] for k in ks]
   size = num_sources * sum(math.prod(jnp.shape(x)) for x in sub)
-  chunk = _chunk_for(n, size)
+  chunk = _chunk_for(n, size, budget=VMAP_FALLBACK_BUDGET)
   vmap_moments = _stats._vmap_moments  # pylint: disable=protected-access
   if chunk >= n:
     moments = vmap_moments(sub_losses, sub, batch)

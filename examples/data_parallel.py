@@ -13,7 +13,8 @@ modality 1 only weakly so. The batch is split over 8 devices in one of three way
 ``--parallel all`` runs the three and a single-device run, and prints how far apart the
 final parameters are (float rounding only). The script fakes 8 devices by setting
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts (unless
-``XLA_FLAGS`` already sets a device count), so it runs on any CPU in seconds:
+``XLA_FLAGS`` already sets a device count), so it runs on any CPU, in well under a minute
+on two cores:
 
     python examples/data_parallel.py --parallel all
     python examples/data_parallel.py --method cggm --parallel shard_map

@@ -173,6 +173,17 @@ def _classifier_partition(params):
 
 
 def _cggm(mode: str, direction: str):
+  """CGGM: magnitude (``bj.cggm`` on the encoders) + the direction term in the loss.
+
+  The concat fusion head's kernel ``[sum_m F_m, C]`` has no single shape to compare with
+  the classifiers' ``[F_m, C]``, so the direction term compares classifier ``m`` with
+  modality ``m``'s slice ``W_m`` of the fusion head:
+  ``L_gm = (1/M) sum_m (|B_m| - B_m cos(c_m, f_m))``, with ``B`` of the previous update
+  (the reference schedule's one-step-stale coefficients, but current weights).
+  ``direction="gradients"``: ``f_m`` = the fusion loss's gradient w.r.t. ``W_m`` (taken
+  on the live features, so ``L_gm`` is differentiated through it), ``c_m`` = classifier
+  ``m``'s loss gradient w.r.t. its kernel; ``"weights"``: the kernels themselves.
+  """
   def make(ctx: Context) -> MethodParts:
     h, m = ctx.hparams, ctx.num_modalities
     lam = h.get("cggm_lambda", 0.1)

@@ -152,14 +152,15 @@ def test_plain_multisteps_loses_the_statistics():
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(sizes=st.lists(st.sampled_from([2, 5, 8]), min_size=1, max_size=3),
+@hypothesis.given(sizes=st.lists(st.sampled_from([3, 8]), min_size=1, max_size=3),
                   seed=st.integers(0, 1000))
 def test_unequal_micro_batches_exact_for_bogc(sizes, seed):
   """bogc's update depends on the merged statistics only: exact for any sizes."""
   params = init_params(seed)
   big = make_batch(seed, sum(sizes))
   stats = _stats(params, big)
-  want, _ = _bogc_update(stats.fixed_weight_grads(), None, params, grad_stats=stats)
+  want, _ = _bogc_update(stats.fixed_weight_grads(), bj.bogc(SOURCES).init(params), params,
+                         grad_stats=stats)
   state = _accumulators[len(sizes)].init(params)
   for batch in split(big, sizes):
     s = _stats(params, batch)
@@ -188,8 +189,8 @@ def test_none_leaves_pass_through_with_averaged_grads():
                              rtol=1e-6)
   s = _stats(params, big)
   np.testing.assert_allclose(
-      updates["enc0"], _bogc_update(s.fixed_weight_grads(), None, params,
-                                    grad_stats=s)[0]["enc0"], rtol=1e-4, atol=1e-6)
+      updates["enc0"], _bogc_update(s.fixed_weight_grads(), bj.bogc(SOURCES).init(params),
+                                    params, grad_stats=s)[0]["enc0"], rtol=1e-4, atol=1e-6)
 
 
 def test_errors_name_the_fix():

@@ -71,7 +71,7 @@ def test_example_script_three_ways_agree(method):
   env.pop("XLA_FLAGS")  # the script fakes its 8 devices itself
   proc = subprocess.run(
       [sys.executable, script, "--method", method, "--parallel", "all", "--steps", "4",
-       "--batch-size", "16", "--stats-method", "vmap"],
+       "--batch-size", "16"],
       env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert proc.stdout.startswith("8 devices")

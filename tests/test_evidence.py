@@ -181,7 +181,8 @@ def test_pignistic_weights_sum_to_one_over_touched_sources(
   var[rng.random(shape) < 0.1] = 0.0  # exactly known gradients stay touched
   touched = rng.random(shape) < 0.7
   var, touched = jnp.asarray(var, jnp.float32), jnp.asarray(touched)
-  lam = ev.precision(var, touched, eps)
+  mean = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  lam = ev.precision(var, mean, touched, eps)
   e = ev.evidence(lam, touched, kappa, gamma)
   assert np.all(np.isfinite(np.asarray(e))) and np.all(np.asarray(e) >= 0)
   assert np.all(np.asarray(e)[~np.asarray(touched)] == 0)
@@ -196,32 +197,45 @@ def test_pignistic_weights_sum_to_one_over_touched_sources(
 @SETTINGS
 @hypothesis.given(seed=seeds, num_sources=st.integers(1, 4), scale=st.floats(-3.0, 3.0),
                   kappa=st.floats(0.1, 5.0), gamma=st.floats(0.1, 3.0))
-def test_precision_is_relative_and_equal_variances_give_equal_evidence(
+def test_precision_is_scale_free_and_equal_variances_give_equal_evidence(
     seed, num_sources, scale, kappa, gamma):
   rng = np.random.default_rng(seed)
   shape = (num_sources, 6)
   var = rng.exponential(size=shape)
+  mean = rng.normal(size=shape)
   touched = jnp.asarray(rng.random(shape) < 0.8)
-  c2 = 10.0 ** (2 * scale)
-  lam = ev.precision(jnp.asarray(var, jnp.float32), touched, 1e-3)
-  lam_scaled = ev.precision(jnp.asarray(var * c2, jnp.float32), touched, 1e-3)
-  close(lam_scaled, np.asarray(lam), rtol=1e-5)  # the floor is relative
+  c = 10.0 ** scale
+  lam = ev.precision(jnp.asarray(var, jnp.float32), jnp.asarray(mean, jnp.float32),
+                     touched, 1e-3)
+  lam_scaled = ev.precision(jnp.asarray(var * c * c, jnp.float32),
+                            jnp.asarray(mean * c, jnp.float32), touched, 1e-3)
+  close(lam_scaled, np.asarray(lam), rtol=1e-5)  # means * c, variances * c**2
   # Equal variances across the touching sources: every one gets evidence kappa.
   equal = jnp.broadcast_to(jnp.asarray(rng.exponential(size=(1, 6)), jnp.float32), shape)
-  e = ev.evidence(ev.precision(equal, touched, 1e-3), touched, kappa, gamma)
+  e = ev.evidence(ev.precision(equal, jnp.asarray(mean, jnp.float32), touched, 1e-3),
+                  touched, kappa, gamma)
   close(e, np.where(np.asarray(touched), kappa, 0.0), rtol=1e-5)
 
 
 def test_precision_edge_cases():
   touched = jnp.asarray([[True, True, False], [True, False, False]])
   var = jnp.asarray([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
-  lam = np.asarray(ev.precision(var, touched, eps=0.5))
-  # All touching sources exactly known: equally precise, 1 / eps.
-  np.testing.assert_allclose(lam[:, 0], [2.0, 2.0])
-  # One source: its variance equals the mean, relative variance 1.
-  np.testing.assert_allclose(lam[:, 1], [1.0 / 1.5, 0.0])
+  mean = jnp.asarray([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+  lam = np.asarray(ev.precision(var, mean, touched, eps=0.5))
+  # All touching sources exactly known: the floor alone, equally precise.
+  np.testing.assert_allclose(lam[:, 0], [1.0, 1.0])
+  # One touching source: its noise equals the mean noise.
+  np.testing.assert_allclose(lam[:, 1], [1.0, 0.0])
   np.testing.assert_array_equal(lam[:, 2], [0.0, 0.0])
   np.testing.assert_allclose(ev.touched_mean(var, touched), [0.0, 2.0, 0.0])
+  # Raising one source's variance leaves the others' precision ratios unchanged.
+  var2 = jnp.asarray([[1.0], [2.0], [4.0]])
+  mean2 = jnp.ones((3, 1))
+  all_touched = jnp.ones((3, 1), bool)
+  lam_a = np.asarray(ev.precision(var2, mean2, all_touched))
+  lam_b = np.asarray(ev.precision(var2.at[0].set(100.0), mean2, all_touched))
+  np.testing.assert_allclose(lam_a[1] / lam_a[2], lam_b[1] / lam_b[2], rtol=1e-6)
+  assert lam_b[0] / lam_b[1] < lam_a[0] / lam_a[1]
 
 
 # ------------------------------------------------ Dirichlet opinions, belief shares
