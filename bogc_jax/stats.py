@@ -92,10 +92,11 @@ def moments_from_samples(per_example: PyTree, axis: int = 1) -> Moments:
     m2 = jnp.sum(jnp.square(g - jnp.expand_dims(mean, axis)), axis=axis)
     return mean, m2
 
-  pairs = jax.tree.map(mean_and_m2, per_example)
-  is_pair = lambda x: isinstance(x, tuple)
-  mean = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-  m2 = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+  # Leaf by leaf, not with tree.map + is_leaf=tuple: the params may hold tuples.
+  flat, treedef = jax.tree.flatten(per_example)
+  pairs = [mean_and_m2(g) for g in flat]
+  mean = jax.tree.unflatten(treedef, [p[0] for p in pairs])
+  m2 = jax.tree.unflatten(treedef, [p[1] for p in pairs])
   return Moments(jnp.asarray(n, jnp.float32), mean, m2)
 
 
@@ -111,10 +112,12 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     m2 = m2_a + m2_b + jnp.square(delta) * cross.astype(delta.dtype)
     return mean, m2
 
-  pairs = jax.tree.map(merge_leaf, a.mean, a.m2, b.mean, b.m2)
-  is_pair = lambda x: isinstance(x, tuple)
-  mean = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-  m2 = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+  # Leaf by leaf, not with tree.map + is_leaf=tuple: the params may hold tuples.
+  flat_mean_a, treedef = jax.tree.flatten(a.mean)
+  others = [treedef.flatten_up_to(t) for t in (a.m2, b.mean, b.m2)]
+  pairs = [merge_leaf(*leaves) for leaves in zip(flat_mean_a, *others)]
+  mean = jax.tree.unflatten(treedef, [p[0] for p in pairs])
+  m2 = jax.tree.unflatten(treedef, [p[1] for p in pairs])
   return Moments(count, mean, m2)
 
 
@@ -333,7 +336,9 @@ def source_grad_stats(
     axis_name: when called inside ``shard_map`` or ``pmap`` with the batch split over
       devices, the mapped axis name: counts, means and second moments are merged across
       devices exactly, so every device gets the statistics of the whole batch. Not needed
-      under ``jit`` with sharded global arrays.
+      under ``jit`` with sharded global arrays (on a mesh with explicit axes, the default
+      of ``jax.make_mesh``, call inside ``jax.set_mesh(mesh)``; there ``"auto"`` needs
+      every leaf on the fast path, or a mesh with ``AxisType.Auto`` axes).
 
   Returns:
     :class:`GradStats` with ``count = B`` (summed over devices) and ``mean``/``var``

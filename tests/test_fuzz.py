@@ -131,44 +131,55 @@ def wide_values(rng, shape, zero=0.2):
   return x
 
 
-@SETTINGS
-@hypothesis.given(num_sources=st.integers(1, 5), coords=st.integers(1, 4), seed=seeds)
-def test_evidence_chain_is_finite_and_normalised(num_sources, coords, seed):
-  rng = np.random.default_rng(seed)
-  shape = (num_sources, coords)
-  mean = jnp.asarray(wide_values(rng, shape), jnp.float32)
-  var = jnp.asarray(np.abs(wide_values(rng, shape)), jnp.float32)
+@jax.jit
+def evidence_chain(mean, var, kappa, gamma, prior_weight):
+  """precision -> evidence -> fused masses, pignistic weights; Dirichlet opinions."""
   touched = (mean != 0) | (var != 0)
   lam = ev.precision(var, mean, touched)
-  assert finite(lam) and np.all(np.asarray(lam) >= 0)
-  assert np.all(np.asarray(lam)[~np.asarray(touched)] == 0)
-  e = ev.evidence(lam, touched, kappa=float(rng.uniform(0, 3)),
-                  gamma=float(rng.uniform(0, 3)))
-  assert finite(e) and np.all(np.asarray(e) >= 0)
-  m, m_theta = ev.fuse_simple_supports(e, prior_weight=float(rng.uniform(0.1, 3)))
-  np.testing.assert_allclose(np.sum(m, axis=0) + m_theta, 1.0, rtol=1e-5)
-  w = np.asarray(ev.pignistic_weights(m, m_theta, touched))
-  any_touch = np.asarray(touched).any(axis=0)
-  np.testing.assert_allclose(w.sum(axis=0)[any_touch], 1.0, rtol=1e-5)
-  assert np.all((w >= 0) & (w <= 1 + 1e-6)) and np.all(w.sum(axis=0)[~any_touch] == 0)
+  e = ev.evidence(lam, touched, kappa, gamma)
+  m, m_theta = ev.fuse_simple_supports(e, prior_weight)
+  w = ev.pignistic_weights(m, m_theta, touched)
   b, u = ev.dirichlet_opinion(e)
-  assert finite((b, u))
-  np.testing.assert_allclose(np.sum(b, axis=1) + u[:, 0], 1.0, rtol=1e-5)
-  shares = ev.belief_shares(b, u)
-  assert finite(shares) and np.all(np.asarray(shares) >= 0)
+  return touched, lam, e, m, m_theta, w, b, u, ev.belief_shares(b, u)
 
 
 @SETTINGS
-@hypothesis.given(num_sources=st.integers(1, 4), coords=st.integers(1, 3),
-                  log_evidence=st.floats(-8, 8), seed=seeds)
-def test_dempster_fold_equals_the_closed_form(num_sources, coords, log_evidence, seed):
+@hypothesis.given(num_sources=st.sampled_from([1, 2, 3, 5]), seed=seeds)
+def test_evidence_chain_is_finite_and_normalised(num_sources, seed):
   rng = np.random.default_rng(seed)
-  e = rng.exponential(size=(num_sources, coords)) * 10.0 ** log_evidence
-  e[rng.random(e.shape) < 0.2] = 0.0
-  e = jnp.asarray(e, jnp.float32)
+  shape = (num_sources, 4)
+  mean = jnp.asarray(wide_values(rng, shape), jnp.float32)
+  var = jnp.asarray(np.abs(wide_values(rng, shape)), jnp.float32)
+  hyper = [jnp.float32(x) for x in (rng.uniform(0, 3), rng.uniform(0, 3),
+                                    rng.uniform(0.1, 3))]
+  touched, lam, e, m, m_theta, w, b, u, shares = evidence_chain(mean, var, *hyper)
+  touched = np.asarray(touched)
+  assert finite((lam, e, m, m_theta, w, b, u, shares))
+  assert np.all(np.asarray(lam) >= 0) and np.all(np.asarray(lam)[~touched] == 0)
+  assert np.all(np.asarray(e) >= 0) and np.all(np.asarray(shares) >= 0)
+  np.testing.assert_allclose(np.sum(m, axis=0) + m_theta, 1.0, rtol=1e-5)
+  w = np.asarray(w)
+  any_touch = touched.any(axis=0)
+  np.testing.assert_allclose(w.sum(axis=0)[any_touch], 1.0, rtol=1e-5)
+  assert np.all((w >= 0) & (w <= 1 + 1e-6)) and np.all(w.sum(axis=0)[~any_touch] == 0)
+  np.testing.assert_allclose(np.sum(b, axis=1) + u[:, 0], 1.0, rtol=1e-5)
+
+
+@jax.jit
+def closed_form_and_fold(e):
   m, m_theta = ev.fuse_simple_supports(e, 1.0)
   b, u = ev.simple_support_opinion(e, 1.0)
-  fold_b, fold_u = ev.dempster_fold(ev.simple_supports_on_sources(b), u)
+  return m, m_theta, *ev.dempster_fold(ev.simple_supports_on_sources(b), u)
+
+
+@SETTINGS
+@hypothesis.given(num_sources=st.integers(1, 4), log_evidence=st.floats(-8, 8),
+                  seed=seeds)
+def test_dempster_fold_equals_the_closed_form(num_sources, log_evidence, seed):
+  rng = np.random.default_rng(seed)
+  e = rng.exponential(size=(num_sources, 3)) * 10.0 ** log_evidence
+  e[rng.random(e.shape) < 0.2] = 0.0
+  m, m_theta, fold_b, fold_u = closed_form_and_fold(jnp.asarray(e, jnp.float32))
   assert finite((m, m_theta))
   if finite((fold_b, fold_u)) and log_evidence < 4:  # the fold itself may underflow
     np.testing.assert_allclose(fold_b, m, rtol=2e-4, atol=1e-6)
@@ -280,7 +291,8 @@ def test_bogc_nonfinite_inputs_never_reach_the_state(num_sources, aggregation, w
   reads = aggregation != "sum" or where == "grads"
   assert bool(new_state.finite) == (not reads)
   if reads:
-    assert close(out, bad_grads, 0.0) or not finite(bad_grads)
+    for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(bad_grads)):
+      np.testing.assert_array_equal(x, y)  # grads pass through (NaN stays NaN)
     for x, y in zip(jax.tree.leaves(new_state[:2]), jax.tree.leaves(state[:2])):
       np.testing.assert_array_equal(x, y)
 
