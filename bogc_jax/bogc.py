@@ -44,10 +44,10 @@ class BogcState(NamedTuple):
 def _calibrate_leaf(mean, var, count, *, kappa, gamma, prior_weight, eps, aggregation):
   """Calibrated gradient and diagnostics for one leaf. ``mean``/``var``: ``[S, ...]``."""
   touched = (mean != 0) | (var != 0)
-  num_touching = jnp.sum(touched, axis=0).astype(mean.dtype)
+  num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
   lam = ev.precision(var / count.astype(var.dtype), mean, touched, eps)
   if aggregation == "precision":
-    weights = lam / jnp.where(num_touching > 0, jnp.sum(lam, axis=0), 1)
+    weights = lam / jnp.where(num_touching > 0, ev.sum_over_sources(lam), 1)
     uncertainty = jnp.zeros((), mean.dtype)
   else:
     e = ev.evidence(lam, touched, kappa, gamma)
@@ -60,12 +60,12 @@ def _calibrate_leaf(mean, var, count, *, kappa, gamma, prior_weight, eps, aggreg
     else:  # "dimension_frame"
       b, u = ev.dirichlet_opinion(e)
       shares = ev.belief_shares(b, u)
-      total = jnp.sum(shares, axis=0)
+      total = ev.sum_over_sources(shares)
       uniform = touched / jnp.maximum(num_touching, 1)
       weights = jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), uniform)
       flat_b = jnp.reshape(b, (b.shape[0], -1))
       _, uncertainty = ev.dempster_fold(flat_b, jnp.reshape(u, (u.shape[0],)))
-  calibrated = num_touching * jnp.sum(weights * mean, axis=0)
+  calibrated = num_touching * ev.sum_over_sources(weights * mean)
   relative = num_touching * weights
   per_source = jnp.sum(relative, axis=tuple(range(1, mean.ndim))) / jnp.maximum(
       jnp.sum(touched, axis=tuple(range(1, mean.ndim))), 1).astype(mean.dtype)

@@ -300,9 +300,7 @@ def all_finite_across(finite: jax.Array, axis_name) -> jax.Array:
   """All devices along ``axis_name`` saw finite inputs (so their states stay equal)."""
   if axis_name is None:
     return finite
-  from bogc_jax.stats import as_varying  # pylint: disable=g-import-not-at-top
-  flag = as_varying(finite.astype(jnp.int32), axis_name)
-  return jax.lax.pmin(flag, axis_name) > 0
+  return jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
 
 
 def select(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:

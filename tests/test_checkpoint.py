@@ -7,8 +7,10 @@ keys, and the abstract target for a restore is the state of a fresh ``tx.init``
 params)``.
 """
 
+import os
+import sys
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -16,39 +18,17 @@ import pytest
 
 import bogc_jax as bj
 
-LABELS = {"enc0": 0, "enc1": 1, "head": None}
-SOURCES = 3
-
-
-def init_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {"enc0": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
-          "enc1": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
-          "head": jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)}
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+import toy_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+from toy_model import init_params, losses_fn, scores_of  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def make_batch(step, n=16):
-  rng = np.random.default_rng(100 + step)
-  y = rng.integers(0, 2, size=n)
-  return (jnp.asarray(rng.normal(size=(n, 4)) + y[:, None], jnp.float32),
-          jnp.asarray(rng.normal(size=(n, 3)) - 0.5 * y[:, None], jnp.float32),
-          jnp.asarray(y, jnp.int32))
+  return toy_model.make_batch(step, n)
 
 
-def losses_fn(p, batch):
-  x0, x1, y = batch
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  fused = jnp.concatenate([h0, h1], -1) @ p["head"]
-  ce = optax.softmax_cross_entropy_with_integer_labels
-  uni = [h0 @ p["head"][:5], h1 @ p["head"][5:]]
-  return jnp.stack([ce(fused, y)] + [ce(u, y) for u in uni])
-
-
-def scores_of(p, batch):
-  x0, x1, y = batch
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  return jnp.stack([bj.metrics.accuracy(h0 @ p["head"][:5], y),
-                    bj.metrics.accuracy(h1 @ p["head"][5:], y)])
+LABELS = {"enc0": 0, "enc1": 1, "head": None}
+SOURCES = 3
 
 
 TRANSFORMS = {

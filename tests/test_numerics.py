@@ -9,6 +9,9 @@ compositions with ``optax.apply_if_finite``.
 
 import functools
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,8 @@ import optax
 import pytest
 
 import bogc_jax as bj
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from toy_model import init_params, losses_fn, make_batch, scores_of  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LABELS = {"enc0": 0, "enc1": 1, "head": None}
 SOURCES = 3
@@ -32,39 +37,6 @@ FACTORIES = {
 }
 FAMILIES = ("bogc_dempster", "cggm", "ogm_ge", "mmpareto")
 FLAGS = ("finite", "nonfinite_count")
-
-
-def init_params(seed=0, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  return {"enc0": jnp.asarray(rng.normal(size=(4, 5)), dtype),
-          "enc1": jnp.asarray(rng.normal(size=(3, 5)), dtype),
-          "head": jnp.asarray(rng.normal(size=(10, 2)), dtype)}
-
-
-def make_batch(step, n=8):
-  rng = np.random.default_rng(100 + step)
-  y = rng.integers(0, 2, size=n)
-  return (jnp.asarray(rng.normal(size=(n, 4)) + y[:, None], jnp.float32),
-          jnp.asarray(rng.normal(size=(n, 3)) - 0.5 * y[:, None], jnp.float32),
-          jnp.asarray(y, jnp.int32))
-
-
-def losses_fn(p, batch):
-  """``[3, B]``: the fusion loss and one unimodal loss per modality."""
-  x0, x1, y = batch
-  p = jax.tree.map(lambda w: w.astype(jnp.float32), p)
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  fused = jnp.concatenate([h0, h1], -1) @ p["head"]
-  ce = optax.softmax_cross_entropy_with_integer_labels
-  uni = [h0 @ p["head"][:5], h1 @ p["head"][5:]]
-  return jnp.stack([ce(fused, y)] + [ce(u, y) for u in uni])
-
-
-def scores_of(p, batch):
-  x0, x1, y = batch
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  return jnp.stack([bj.metrics.accuracy(h0 @ p["head"][:5], y),
-                    bj.metrics.accuracy(h1 @ p["head"][5:], y)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -391,3 +363,23 @@ def test_half_precision_params(dtype, rtol):
     assert_all_finite(out)
     assert bool(state.finite)
     assert_close_normwise(out, want, rtol)
+
+
+@pytest.mark.parametrize("factory", [bj.cggm, functools.partial(bj.ogm_ge, key=3)],
+                         ids=["cggm", "ogm_ge"])
+def test_one_device_with_a_nan_flags_every_device(factory):
+  """With ``axis_name``, a NaN gradient on one device makes every device keep its state
+  (replicated states stay equal), here with ``vmap`` standing in for the devices."""
+  tx = factory(LABELS, axis_name="devices")
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(lambda g: jnp.stack([g, g]), GRADS)
+  grads["enc0"] = grads["enc0"].at[1, 0, 0].set(jnp.nan)  # device 1 only
+  out, new_state = jax.vmap(
+      lambda g: tx.update(g, state, PARAMS, modality_scores=SCORES),
+      axis_name="devices")(grads)
+  assert not np.any(new_state.finite) and np.all(new_state.nonfinite_count == 1)
+  for k in ("scores", "coefficients") if "scores" in new_state._fields else ("key",):
+    field = np.asarray(getattr(new_state, k))
+    np.testing.assert_array_equal(field[0], field[1])
+    np.testing.assert_array_equal(field[0], np.asarray(getattr(state, k)))
+  np.testing.assert_array_equal(out["enc1"][0], GRADS["enc1"])  # passed through

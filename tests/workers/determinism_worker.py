@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
 import bogc_jax as bj  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from toy_model import init_params, losses_fn, make_batch, scores_of  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 LABELS = {"enc0": 0, "enc1": 1, "head": None}
 SOURCES = 3
 STEPS = 3
@@ -48,37 +51,6 @@ def transforms():
 STATS_VARIANTS = {"stats_auto": dict(method="auto"),
                   "stats_chunked": dict(method="vmap", chunk_size=4),
                   "stats_laplace": dict(laplace=True)}
-
-
-def init_params(seed=0):
-  rng = np.random.default_rng(seed)
-  return {"enc0": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
-          "enc1": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
-          "head": jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)}
-
-
-def make_batch(step, n=8):
-  rng = np.random.default_rng(100 + step)
-  y = rng.integers(0, 2, size=n)
-  return (jnp.asarray(rng.normal(size=(n, 4)) + y[:, None], jnp.float32),
-          jnp.asarray(rng.normal(size=(n, 3)) - 0.5 * y[:, None], jnp.float32),
-          jnp.asarray(y, jnp.int32))
-
-
-def losses_fn(p, batch):
-  x0, x1, y = batch
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  fused = jnp.concatenate([h0, h1], -1) @ p["head"]
-  ce = optax.softmax_cross_entropy_with_integer_labels
-  uni = [h0 @ p["head"][:5], h1 @ p["head"][5:]]
-  return jnp.stack([ce(fused, y)] + [ce(u, y) for u in uni])
-
-
-def scores_of(p, batch):
-  x0, x1, y = batch
-  h0, h1 = jnp.tanh(x0 @ p["enc0"]), jnp.tanh(x1 @ p["enc1"])
-  return jnp.stack([bj.metrics.accuracy(h0 @ p["head"][:5], y),
-                    bj.metrics.accuracy(h1 @ p["head"][5:], y)])
 
 
 def make_step(name):
