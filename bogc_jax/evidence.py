@@ -32,6 +32,11 @@ def sum_over_sources(x: Array) -> Array:
 
   The same value as ``jnp.sum(x, axis=0)``; XLA:CPU reduces a short leading axis over a
   long array an order of magnitude slower than it adds ``S`` arrays.
+
+  Example:
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> bj.evidence.sum_over_sources(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).tolist()
+    [9.0, 12.0]
   """
   total = x[0]
   for s in range(1, x.shape[0]):
