@@ -218,14 +218,8 @@ def ogm_ge(
     del params, extra_args
     leaf_labels = labels_lib.leaf_labels(param_labels, updates)
     m = state.coefficients.shape[0]
-    validation.check_labels_in_range("ogm_ge", leaf_labels, m)
-    validation.check_floating("ogm_ge", "grads", updates,
-                              only=[label is not None for label in leaf_labels])
-    scores = validation.check_scores("ogm_ge", modality_scores, m)
-    if axis_name is not None:
-      scores = jax.lax.pmean(scores, axis_name)
-    finite = validation.all_finite(scores) & validation.all_finite_across(
-        validation.all_finite(updates), axis_name)
+    scores, finite = validation.modality_update_inputs(
+        "ogm_ge", leaf_labels, updates, modality_scores, m, axis_name)
     k, dominant, ratio = ogm_ge_coefficients(scores, alpha, mode)
     key_state, key_noise = jax.random.split(jax.random.wrap_key_data(state.key))
     leaves = jax.tree.leaves(updates)

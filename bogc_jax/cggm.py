@@ -224,14 +224,8 @@ def cggm(
     del params, extra_args
     leaf_labels = labels_lib.leaf_labels(param_labels, updates)
     m = state.scores.shape[0]
-    validation.check_labels_in_range("cggm", leaf_labels, m)
-    validation.check_floating("cggm", "grads", updates,
-                              only=[label is not None for label in leaf_labels])
-    scores = validation.check_scores("cggm", modality_scores, m)
-    if axis_name is not None:
-      scores = jax.lax.pmean(scores, axis_name)
-    finite = validation.all_finite(scores) & validation.all_finite_across(
-        validation.all_finite(updates), axis_name)
+    scores, finite = validation.modality_update_inputs(
+        "cggm", leaf_labels, updates, modality_scores, m, axis_name)
     previous = state.scores
     improvements = scores - previous
     if mode == "stable":

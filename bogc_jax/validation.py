@@ -329,3 +329,24 @@ def guard_state(finite: jax.Array, new_state, old_state):
 def initial_flags() -> tuple[jax.Array, jax.Array]:
   """``(finite, nonfinite_count)`` of a fresh state: ``(True, 0)``."""
   return jnp.ones([], bool), jnp.zeros([], jnp.int32)
+
+
+def modality_update_inputs(owner: str, leaf_labels: Sequence[int | None], updates: PyTree,
+                           modality_scores, num_modalities: int, axis_name):
+  """Checked scores of a per-modality transform's update and its finiteness flag.
+
+  Shared by the transforms that scale encoder gradients from ``modality_scores``
+  (cggm, ogm_ge): labels in range, floating labelled gradients, scores of shape
+  ``[M]`` (averaged over ``axis_name`` when given), and ``finite``: whether the scores
+  and the gradients on every device are finite.
+
+  Returns:
+    ``(scores, finite)``.
+  """
+  check_labels_in_range(owner, leaf_labels, num_modalities)
+  check_floating(owner, "grads", updates, only=[label is not None for label in leaf_labels])
+  scores = check_scores(owner, modality_scores, num_modalities)
+  if axis_name is not None:
+    scores = jax.lax.pmean(scores, axis_name)
+  finite = all_finite(scores) & all_finite_across(all_finite(updates), axis_name)
+  return scores, finite
