@@ -12,6 +12,7 @@ from bogc_jax.baselines import ogm_ge
 from bogc_jax.baselines import ogm_ge_coefficients
 from bogc_jax.bogc import BogcState
 from bogc_jax.bogc import bogc
+from bogc_jax.bogc import coordinate_weights
 from bogc_jax.cggm import CggmState
 from bogc_jax.cggm import cggm
 from bogc_jax.cggm import cggm_coefficients

@@ -15,6 +15,8 @@ from bogc_jax.stats import GradStats
 PyTree = Any
 Aggregation = Literal["dempster", "precision", "dimension_frame", "sum"]
 AGGREGATIONS = ("dempster", "precision", "dimension_frame", "sum")
+Noise = Literal["absolute", "relative"]
+NOISE_SCALES = ("absolute", "relative")
 
 
 class BogcState(NamedTuple):
@@ -41,30 +43,98 @@ class BogcState(NamedTuple):
   nonfinite_count: jax.Array
 
 
-def _calibrate_leaf(mean, var, count, *, kappa, gamma, prior_weight, eps, aggregation):
-  """Calibrated gradient and diagnostics for one leaf. ``mean``/``var``: ``[S, ...]``."""
+def relative_noise(mean, var, touched):
+  """Each source's statistics in units of its own signal on the leaf.
+
+  With ``p_s = mean_{d: s touches d} mu[s, d]**2`` (the source's mean squared gradient
+  over the leaf), returns ``(mu / sqrt(p_s), v / p_s)``: the variance becomes a
+  noise-to-signal ratio, which no longer depends on the source's gradient scale. A
+  source that touches the leaf with zero mean everywhere (pure noise) gets
+  ``p_s = 1e-30`` of its own largest standard deviation squared: no trust.
+
+  Args:
+    mean: ``[S, ...]`` mean gradients.
+    var: ``[S, ...]`` variances.
+    touched: ``[S, ...]`` booleans.
+
+  Returns:
+    ``(mean, var)`` rescaled per source, same shapes.
+  """
+  axes = tuple(range(1, mean.ndim))
+  # Units of each source's largest |mean| (or std): no overflow or underflow.
+  unit = jnp.max(jnp.where(touched, jnp.maximum(jnp.abs(mean), jnp.sqrt(var)), 0), axis=axes,
+                 keepdims=True)
+  unit = jnp.where(unit > 0, unit, 1)
+  scaled = mean / unit
+  count = jnp.maximum(jnp.sum(touched, axis=axes, keepdims=True), 1).astype(mean.dtype)
+  power = jnp.sum(jnp.where(touched, jnp.square(scaled), 0), axis=axes, keepdims=True) / count
+  power = jnp.maximum(power, 1e-30)
+  return scaled / jnp.sqrt(power), var / unit / unit / power
+
+
+def coordinate_weights(mean, var, count, *, kappa=1.0, gamma=1.0, prior_weight=1.0,
+                       eps=1e-3, aggregation: Aggregation = "dempster",
+                       noise: Noise = "absolute"):
+  """BOGC's per-coordinate source weights for one leaf (see :func:`bogc`).
+
+  Args:
+    mean: ``[S, ...]`` per-source mean gradients.
+    var: ``[S, ...]`` per-example variances over ``count`` examples.
+    count: the number of examples behind the statistics.
+    kappa, gamma, prior_weight, eps, aggregation, noise: as in :func:`bogc`
+      (``aggregation`` other than ``"sum"``).
+
+  Returns:
+    ``(weights, touched, uncertainty)``: ``weights[s, d]`` sums to 1 over the sources
+    touching ``d`` and is 0 elsewhere; ``touched`` the ``[S, ...]`` booleans;
+    ``uncertainty`` the leaf's scalar fused uncertainty (0 for ``"precision"``).
+
+  Example:
+    Source 1's gradient is a tenth of source 0's and its standard deviation 0.3 of it:
+    the more precise source in absolute terms, the noisier one relative to its size.
+
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> mean = jnp.array([[1.0, 1.0], [0.1, 0.0]])  # source 1 touches coordinate 0 only
+    >>> var = jnp.array([[1.0, 1.0], [0.09, 0.0]])
+    >>> for noise in ("absolute", "relative"):
+    ...   w, touched, u = bj.coordinate_weights(mean, var, 4, noise=noise)
+    ...   print(noise, [[round(x, 3) for x in row] for row in w.tolist()])
+    absolute [[0.223, 1.0], [0.777, 0.0]]
+    relative [[0.766, 1.0], [0.234, 0.0]]
+  """
   touched = (mean != 0) | (var != 0)
   num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
-  lam = ev.precision(var / count.astype(var.dtype), mean, touched, eps)
+  if noise == "relative":
+    mean_for_noise, var = relative_noise(mean, var, touched)
+  else:
+    mean_for_noise = mean
+  lam = ev.precision(var / jnp.asarray(count).astype(var.dtype), mean_for_noise, touched, eps)
   if aggregation == "precision":
     weights = lam / jnp.where(num_touching > 0, ev.sum_over_sources(lam), 1)
-    uncertainty = jnp.zeros((), mean.dtype)
-  else:
-    e = ev.evidence(lam, touched, kappa, gamma)
-    if aggregation == "dempster":
-      m, m_theta = ev.fuse_simple_supports(e, prior_weight)
-      weights = ev.pignistic_weights(m, m_theta, touched)
-      any_touch = num_touching > 0
-      uncertainty = jnp.sum(jnp.where(any_touch, m_theta, 0)) / jnp.maximum(
-          jnp.sum(any_touch), 1)
-    else:  # "dimension_frame"
-      b, u = ev.dirichlet_opinion(e)
-      shares = ev.belief_shares(b, u)
-      total = ev.sum_over_sources(shares)
-      uniform = touched / jnp.maximum(num_touching, 1)
-      weights = jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), uniform)
-      flat_b = jnp.reshape(b, (b.shape[0], -1))
-      _, uncertainty = ev.dempster_fold(flat_b, jnp.reshape(u, (u.shape[0],)))
+    return weights, touched, jnp.zeros((), mean.dtype)
+  e = ev.evidence(lam, touched, kappa, gamma)
+  if aggregation == "dempster":
+    m, m_theta = ev.fuse_simple_supports(e, prior_weight)
+    weights = ev.pignistic_weights(m, m_theta, touched)
+    any_touch = num_touching > 0
+    uncertainty = jnp.sum(jnp.where(any_touch, m_theta, 0)) / jnp.maximum(
+        jnp.sum(any_touch), 1)
+    return weights, touched, uncertainty
+  # "dimension_frame"
+  b, u = ev.dirichlet_opinion(e)
+  shares = ev.belief_shares(b, u)
+  total = ev.sum_over_sources(shares)
+  uniform = touched / jnp.maximum(num_touching, 1)
+  weights = jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), uniform)
+  flat_b = jnp.reshape(b, (b.shape[0], -1))
+  _, uncertainty = ev.dempster_fold(flat_b, jnp.reshape(u, (u.shape[0],)))
+  return weights, touched, uncertainty
+
+
+def _calibrate_leaf(mean, var, count, **hyper):
+  """Calibrated gradient and diagnostics for one leaf. ``mean``/``var``: ``[S, ...]``."""
+  weights, touched, uncertainty = coordinate_weights(mean, var, count, **hyper)
+  num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
   calibrated = num_touching * ev.sum_over_sources(weights * mean)
   relative = num_touching * weights
   per_source = jnp.sum(relative, axis=tuple(range(1, mean.ndim))) / jnp.maximum(
@@ -80,6 +150,7 @@ def bogc(
     prior_weight: float = 1.0,
     eps: float = 1e-3,
     aggregation: Aggregation = "dempster",
+    noise: Noise = "absolute",
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bayesian-oriented gradient calibration of several loss sources.
@@ -146,6 +217,14 @@ def bogc(
       ``1 / eps``), > 0.
     aggregation: ``"dempster"`` (default), ``"precision"``, ``"dimension_frame"`` or
       ``"sum"``.
+    noise: how variances are compared across sources. ``"absolute"`` (default): as
+      above, ``v[s, d]`` itself. ``"relative"``: each source's variance in units of its
+      own signal on the leaf, ``v[s, d] / p_s`` with ``p_s`` the mean of ``mu[s, .]**2``
+      over the leaf's coordinates that ``s`` touches (and the floor from the rescaled
+      means): a noise-to-signal ratio. A source whose loss has nearly converged has
+      small gradients and so small absolute variances, and ``"absolute"`` trusts it
+      most; ``"relative"`` trusts the source whose gradient is least noisy for its
+      size. Scaling one source's loss by ``c > 0`` then changes no weight.
     mask: pytree of booleans shaped like the params (or a callable ``grads -> mask``):
       True leaves are calibrated, False leaves pass ``grads`` through. By default every
       leaf for which ``grad_stats`` has statistics (a non-``None`` leaf) is calibrated.
@@ -176,6 +255,7 @@ def bogc(
   validation.check_int("bogc", "num_sources", num_sources, minimum=1,
                        fix="It is S, the number of loss sources (rows of losses_fn).")
   validation.check_choice("bogc", "aggregation", aggregation, AGGREGATIONS)
+  validation.check_choice("bogc", "noise", noise, NOISE_SCALES)
   validation.check_number("bogc", "kappa", kappa,
                           fix="kappa = 0 gives the fixed-weight sum; 1 is the default.")
   validation.check_number("bogc", "gamma", gamma,
@@ -217,7 +297,7 @@ def bogc(
         continue
       calibrated, w, u = _calibrate_leaf(
           mean, var, count, kappa=kappa, gamma=gamma,
-          prior_weight=prior_weight, eps=eps, aggregation=aggregation)
+          prior_weight=prior_weight, eps=eps, aggregation=aggregation, noise=noise)
       # A non-finite input: fall back to the incoming gradient (see the docstring).
       new_grads.append(jnp.where(finite, calibrated.astype(g.dtype), g))
       weights.append(w)

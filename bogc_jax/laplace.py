@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ def laplace_grad_stats(
     mask: PyTree | Callable[[PyTree], PyTree],
     num_samples: int = 8,
     damping: float = 1.0,
+    dataset_size: int | None = None,
+    center: Literal["draws", "batch"] = "draws",
     method: stats_lib.Method = "auto",
     chunk_size: int | None = None,
     axis_name: Any = None,
@@ -62,15 +64,20 @@ def laplace_grad_stats(
 
   .. math::
 
-    F_s = \sum_i g_{s,i}^2 = (n - 1)\,\mathrm{var}_s + n\,\mathrm{mean}_s^2, \qquad
+    F_s = \frac{N}{n} \sum_i g_{s,i}^2
+        = \frac{N}{n} \big((n - 1)\,\mathrm{var}_s + n\,\mathrm{mean}_s^2\big), \qquad
     q_s(\theta') = \mathcal N(\theta,\ \mathrm{diag}(1 / (F_s + \delta))),
 
-  the diagonal empirical Fisher of the summed loss plus damping ``delta`` (the prior
-  precision). ``K`` Monte Carlo draws ``theta_{s,k} = theta + eps_{s,k} / sqrt(F_s + delta)``,
+  the diagonal empirical Fisher of the loss summed over ``N`` examples (``N =
+  dataset_size``, estimated from the batch; ``N = n`` by default: the batch alone) plus
+  damping ``delta`` (the prior precision). ``K`` Monte Carlo draws
+  ``theta_{s,k} = theta + eps_{s,k} / sqrt(F_s + delta)``,
   ``eps ~ N(0, I)``, give gradients of the source's batch-mean loss
   ``G_{s,k} = grad (1/n) sum_i loss[s, i](theta_{s,k})`` (vmapped over draws and sources),
   and Gaussian moment matching gives the result: ``mean[s] = mean_k G_{s,k}``,
-  ``var[s] = var_k(G_{s,k}, ddof=1)``, ``count = K``.
+  ``var[s] = var_k(G_{s,k}, ddof=1)``, ``count = K``. With ``center="batch"`` the mean
+  is instead the exact batch-mean gradient at ``theta`` (computed on the way, no extra
+  cost) and only the variance comes from the draws.
 
   Args:
     losses_fn: ``(params, batch) -> [S, B]`` per-source, per-example losses.
@@ -82,6 +89,12 @@ def laplace_grad_stats(
       parameters that get a posterior. The others are held fixed.
     num_samples: ``K >= 2`` Monte Carlo draws.
     damping: ``delta > 0``, added to the Fisher diagonal.
+    dataset_size: ``N``, the number of training examples the posterior is over (the
+      batch Fisher is scaled by ``N / n``, so the draws narrow by about
+      ``sqrt(N / n)``). ``None`` (default): the batch's own size. With small gradients
+      and few examples, ``damping`` dominates a batch-only Fisher and the draws are
+      far wider than the parameters; the training set's size gives the posterior of
+      the training loss.
     method, chunk_size: how the per-example Fisher is computed (see
       :func:`bogc_jax.source_grad_stats`).
     axis_name: mapped axis when the batch is split over devices (``shard_map``/``pmap``);
@@ -113,6 +126,11 @@ def laplace_grad_stats(
   validation.check_number("laplace_grad_stats", "damping", damping, strict=True,
                           fix="It keeps the posterior proper where the Fisher is 0; 1.0 "
                           "is the default.")
+  validation.check_choice("laplace_grad_stats", "center", center, ("draws", "batch"))
+  if dataset_size is not None:
+    validation.check_int("laplace_grad_stats", "dataset_size", dataset_size, minimum=1,
+                         fix="It is N, the number of training examples; None uses the "
+                         "batch alone.")
   validation.check_num_examples("laplace_grad_stats", stats_lib.batch_size_of(batch),
                                 axis_name)
   chosen, rebuild, scatter = _split(params, mask)
@@ -123,8 +141,9 @@ def laplace_grad_stats(
   per_example = stats_lib.source_grad_stats(chosen_losses, chosen, batch, method=method,
                                             chunk_size=chunk_size, axis_name=axis_name)
   n = per_example.count
-  fisher = jax.tree.map(lambda m, v: (n - 1.0) * v + n * jnp.square(m), per_example.mean,
-                        per_example.var)
+  to_dataset = 1.0 if dataset_size is None else dataset_size / n
+  fisher = jax.tree.map(lambda m, v: to_dataset * ((n - 1.0) * v + n * jnp.square(m)),
+                        per_example.mean, per_example.var)
   num_sources = per_example.num_sources
 
   def batch_mean_grad(source, leaves):
@@ -151,4 +170,5 @@ def laplace_grad_stats(
   grads = [jnp.swapaxes(g, 0, 1) for g in grads]  # [S, K, ...]
   moments = stats_lib.moments_from_samples(grads, axis=1)
   result = stats_lib.grad_stats_from_moments(moments)
-  return GradStats(result.count, scatter(result.mean), scatter(result.var))
+  mean = per_example.mean if center == "batch" else result.mean
+  return GradStats(result.count, scatter(mean), scatter(result.var))

@@ -105,6 +105,9 @@ class Dataset:
     num_classes: the number of classes.
     class_names: optional names of the classes.
     info: free-form provenance (split, preprocessing) for the results files.
+    groups_train: optional int ``[N_train]``: who made each training example (a subject,
+      a speaker) where the test split holds out such groups; a validation split then
+      holds out whole groups too.
   """
 
   name: str
@@ -117,6 +120,7 @@ class Dataset:
   num_classes: int
   class_names: tuple[str, ...] | None = None
   info: dict = dataclasses.field(default_factory=dict)
+  groups_train: np.ndarray | None = None
 
   def __post_init__(self):
     m = len(self.modalities)
@@ -155,9 +159,52 @@ class Dataset:
       idx = np.sort(rng.permutation(len(y))[:n])
       return tuple(x[idx] for x in xs), y[idx]
 
-    x_tr, y_tr = take(self.x_train, self.y_train, num_train)
+    groups = () if self.groups_train is None else (self.groups_train,)
+    (*x_tr, g_tr), y_tr = take(tuple(self.x_train) + (groups or (self.y_train,)),
+                               self.y_train, num_train)
     x_te, y_te = take(self.x_test, self.y_test, num_test)
-    return dataclasses.replace(self, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    return dataclasses.replace(self, x_train=tuple(x_tr), y_train=y_tr, x_test=x_te,
+                               y_test=y_te, groups_train=g_tr if groups else None)
+
+  def validation_split(self, fraction: float, seed: int = 0) -> "Dataset":
+    """Train on part of the training split, evaluate on the rest (for tuning).
+
+    With ``groups_train`` (subjects, speakers), holds out ``c = round(fraction * G)`` of
+    the ``G`` training groups (at least one), as the test split holds out unseen groups:
+    the groups are shuffled once and ``seed`` picks the fold, so seeds ``0, 1, ...,
+    ceil(G / c) - 1`` hold out every group (disjoint folds when ``c`` divides ``G``). Otherwise
+    ``fraction`` of each class's training examples (at least one per class), drawn with
+    ``seed``. The real test split is dropped, so choices made on the result never see it.
+    """
+    if not 0.0 < fraction < 1.0:
+      raise ValueError(f"validation fraction must be in (0, 1); got {fraction}.")
+    rng = np.random.default_rng(seed)
+    if self.groups_train is not None:
+      groups = np.unique(self.groups_train)
+      if len(groups) < 2:
+        raise ValueError(f"Dataset {self.name!r}: a group-held-out validation split "
+                         f"needs at least 2 training groups; got {len(groups)}.")
+      count = min(len(groups) - 1, max(1, int(round(fraction * len(groups)))))
+      folds = -(-len(groups) // count)
+      fold = seed % folds
+      start = min(fold * count, len(groups) - count)  # the last fold may overlap
+      chosen = np.random.default_rng(0).permutation(groups)[start:start + count]
+      held = np.isin(self.groups_train, chosen)
+      how = f"groups {sorted(int(g) for g in chosen)} of train"
+    else:
+      held = np.zeros(len(self.y_train), bool)
+      for label in np.unique(self.y_train):
+        idx = rng.permutation(np.flatnonzero(self.y_train == label))
+        if len(idx) > 1:
+          held[idx[:max(1, int(round(fraction * len(idx))))]] = True
+      how = f"{fraction:g} of each class of train"
+    groups_left = None if self.groups_train is None else self.groups_train[~held]
+    return dataclasses.replace(
+        self, x_train=tuple(x[~held] for x in self.x_train), y_train=self.y_train[~held],
+        x_test=tuple(x[held] for x in self.x_train), y_test=self.y_train[held],
+        groups_train=groups_left,
+        info={**self.info, "split": f"{self.info.get('split', 'train')}; validation = "
+              f"{how} (seed {seed}), test split unused"})
 
   def summary(self) -> str:
     """One line: sizes and per-modality shapes."""
@@ -646,6 +693,8 @@ def load_avdigits(data_dir: pathlib.Path, seed: int = 0, split: str = "speakers"
       x_train=(img_train, aud_train), y_train=digits[img_tr].astype(np.int32),
       x_test=(img_test, aud_test), y_test=digits[img_te].astype(np.int32),
       num_classes=10, class_names=tuple(str(d) for d in range(10)),
+      groups_train=(audio["speaker"][pair_tr].astype(np.int32) if split == "speakers"
+                    else None),
       info={"split": split, "pair_seed": seed, "num_train_recordings": int(len(aud_tr)),
             "num_test_recordings": int(len(aud_te)),
             "audio": f"log-mel, {n_mels} bands, resampled to {num_frames} frames",
@@ -686,6 +735,7 @@ def load_utdmhad(data_dir: pathlib.Path, seed: int = 0, depth: bool = False,
       name="utdmhad3" if depth else "utdmhad2", modalities=tuple(names), kinds=tuple(kinds),
       x_train=tuple(x_train), y_train=y[train], x_test=tuple(x_test), y_test=y[test],
       num_classes=len(UTD_ACTIONS), class_names=UTD_ACTIONS,
+      groups_train=seq["subject"][train].astype(np.int32),
       info={"protocol": "cross-subject", "train_subjects": list(UTD_TRAIN_SUBJECTS),
             "test_subjects": list(UTD_TEST_SUBJECTS), "inertial_steps": inertial_steps,
             "skeleton_steps": skeleton_steps})

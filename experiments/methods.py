@@ -41,6 +41,7 @@ class Context:
     hparams: method hyper-parameters from the CLI (``kappa``, ``gamma``, ``rho``, ...).
     stats_method: ``method=`` for ``bj.source_grad_stats``.
     stats_chunk: ``chunk_size=`` for ``bj.source_grad_stats``.
+    num_train: the number of training examples (the Laplace posterior's ``N``).
   """
 
   num_modalities: int
@@ -50,6 +51,7 @@ class Context:
   hparams: dict
   stats_method: str = "auto"
   stats_chunk: int | None = None
+  num_train: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +109,20 @@ def encoder_labels(params) -> Any:
   return bj.label_params(params, {"encoders": bj.labels.INDEX}, default=None)
 
 
-def head_mask(params) -> Any:
-  """True on the output layers (fusion head(s) and auxiliary heads), False elsewhere."""
-  groups = models.param_groups(params)
-  return jax.tree.map(lambda g: not g.startswith("encoder/"), groups)
+def encoder_output_mask(params) -> Any:
+  """True on each encoder's last layer (the ``"out"`` layer, or an MLP's last ``layers``
+  entry): the layer before each modality's outputs, shared by the fusion loss and that
+  modality's unimodal loss. False elsewhere."""
+  def last_layer(path, _):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    if not keys or keys[0] != "encoders":
+      return False
+    encoder = params["encoders"][keys[1]]
+    if "out" in encoder:
+      return keys[2] == "out"
+    return keys[2] == "layers" and keys[3] == len(encoder["layers"]) - 1
+
+  return jax.tree_util.tree_map_with_path(last_layer, params)
 
 
 def mean_grad_stats(losses_fn, params, batch) -> bj.GradStats:
@@ -129,28 +141,41 @@ def _grad_stats_args(ctx: Context):
   return extra_args
 
 
-def _bogc(aggregation: str, gamma: float | None = None):
+def _bogc_transform(ctx: Context, aggregation: str, gamma: float | None, noise: str):
+  h = ctx.hparams
+  return bj.bogc(ctx.num_modalities + 1, kappa=h.get("kappa", 1.0),
+                 gamma=h.get("gamma", 1.0) if gamma is None else gamma,
+                 aggregation=aggregation, noise=h.get("noise", noise))
+
+
+def _bogc(aggregation: str, gamma: float | None = None, noise: str = "absolute"):
   def make(ctx: Context) -> MethodParts:
-    h = ctx.hparams
-    tx = optax.chain(
-        bj.bogc(ctx.num_modalities + 1, kappa=h.get("kappa", 1.0),
-                gamma=h.get("gamma", 1.0) if gamma is None else gamma,
-                aggregation=aggregation),
-        ctx.base)
+    tx = optax.chain(_bogc_transform(ctx, aggregation, gamma, noise), ctx.base)
     return MethodParts(tx=tx, extra_args=_grad_stats_args(ctx))
   return make
 
 
 def _bogc_laplace(ctx: Context) -> MethodParts:
+  """Laplace posterior on each encoder's last layer, the posterior of the training loss.
+
+  The posterior sits where the fusion loss and the unimodal losses meet (an output
+  head is reached by one source only, and a single source is never recalibrated);
+  ``dataset_size`` = the training set, so the draws have the width of the training
+  loss's posterior, not of one batch's; ``center="batch"`` (the CLI's default), so the
+  calibrated means are the batch gradients and the draws give the variances. Other
+  leaves pass the fixed-weight sum through.
+  """
   h = ctx.hparams
-  mask = head_mask(ctx.params)
-  tx = optax.chain(bj.bogc(ctx.num_modalities + 1, kappa=h.get("kappa", 1.0),
-                           gamma=h.get("gamma", 1.0)), ctx.base)
+  mask = encoder_output_mask(ctx.params)
+  tx = optax.chain(_bogc_transform(ctx, "dempster", None, "absolute"), ctx.base)
 
   def extra_args(params, batch, out, opt_state, key):
     del out, opt_state
     stats = bj.laplace_grad_stats(ctx.fn.losses, params, batch, key, mask=mask,
                                   num_samples=h.get("laplace_samples", 8),
+                                  damping=h.get("laplace_damping", 1.0),
+                                  dataset_size=ctx.num_train,
+                                  center=h.get("laplace_center", "batch"),
                                   method=ctx.stats_method, chunk_size=ctx.stats_chunk)
     return {"grad_stats": stats}
 
@@ -172,7 +197,7 @@ def _classifier_partition(params):
   return jax.tree.map(lambda g: "classifiers" if g.startswith("head/") else "model", groups)
 
 
-def _cggm(mode: str, direction: str):
+def _cggm(mode: str, direction: str, after_optimizer: bool = False):
   """CGGM: magnitude (``bj.cggm`` on the encoders) + the direction term in the loss.
 
   The concat fusion head's kernel ``[sum_m F_m, C]`` has no single shape to compare with
@@ -183,14 +208,22 @@ def _cggm(mode: str, direction: str):
   ``direction="gradients"``: ``f_m`` = the fusion loss's gradient w.r.t. ``W_m`` (taken
   on the live features, so ``L_gm`` is differentiated through it), ``c_m`` = classifier
   ``m``'s loss gradient w.r.t. its kernel; ``"weights"``: the kernels themselves.
+
+  ``after_optimizer``: scale the base optimizer's *updates* instead of the gradients
+  (``clip -> base -> cggm``). Adam divides each coordinate by a running RMS of its own
+  gradients, so a per-encoder factor applied before it is largely undone; applied after
+  it, ``rho * B_m`` scales encoder ``m``'s step as the paper intends for SGD.
   """
   def make(ctx: Context) -> MethodParts:
     h, m = ctx.hparams, ctx.num_modalities
     lam = h.get("cggm_lambda", 0.1)
     # The classifiers (auxiliary heads on stop-gradient features) train on their own
     # Adam (5e-4, as in the official scripts), outside the modulation and the clipping.
-    model_tx = optax.chain(bj.cggm(encoder_labels, rho=h.get("rho", 1.3), mode=mode),
-                           optax.clip_by_global_norm(0.8), ctx.base)
+    modulate = bj.cggm(encoder_labels, rho=h.get("rho", 1.3), mode=mode)
+    if after_optimizer:
+      model_tx = optax.chain(optax.clip_by_global_norm(0.8), ctx.base, modulate)
+    else:
+      model_tx = optax.chain(modulate, optax.clip_by_global_norm(0.8), ctx.base)
     tx = optax.partition({"model": model_tx, "classifiers": optax.adam(5e-4)},
                          _classifier_partition)
 
@@ -276,17 +309,24 @@ register(MethodSpec("joint_uni", "fusion + unimodal losses, fixed-weight sum (BO
 register(MethodSpec("bogc", "BOGC, reduced Dempster-Shafer fusion of per-coordinate "
                     "evidence (default)", False, ("bogc", "source_grad_stats"),
                     _bogc("dempster")))
+register(MethodSpec("bogc_relative", "BOGC, default, each source's noise relative to its "
+                    "own signal (noise=\"relative\")", False, ("bogc", "source_grad_stats"),
+                    _bogc("dempster", noise="relative")))
 register(MethodSpec("bogc_precision", "BOGC, inverse-variance weights (no Dempster step)",
                     False, ("bogc", "source_grad_stats"), _bogc("precision")))
 register(MethodSpec("bogc_dimension_frame", "BOGC, one Dirichlet opinion per source over "
                     "a leaf's coordinates, gamma 0.5", False, ("bogc", "source_grad_stats"),
                     _bogc("dimension_frame", gamma=0.5)))
 register(MethodSpec("bogc_laplace", "BOGC, default, statistics from a diagonal Laplace "
-                    "posterior on the output layers (8 draws)", False,
+                    "posterior on each encoder's last layer (8 draws, N = train size)", False,
                     ("bogc", "laplace_grad_stats"), _bogc_laplace))
 register(MethodSpec("cggm", "CGGM, stable coefficients, gradient-direction term (the "
                     "paper); classifiers on stop-gradient features", True,
                     ("cggm", "cggm_direction_loss", "metrics"), _cggm("stable", "gradients")))
+register(MethodSpec("cggm_on_updates", "CGGM as `cggm`, the coefficients scaling the base "
+                    "optimizer's updates (clip -> base -> cggm)", True,
+                    ("cggm", "cggm_direction_loss", "metrics"),
+                    _cggm("stable", "gradients", after_optimizer=True)))
 register(MethodSpec("cggm_reference", "CGGM, the official code's coefficients and "
                     "weight-direction term", True, ("cggm", "cggm_direction_loss", "metrics"),
                     _cggm("reference", "weights")))

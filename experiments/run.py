@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 from typing import Sequence
@@ -97,7 +98,7 @@ class Trainer:
     self.fn, params = make_model(dataset, cfg, seed=0)
     ctx = methods_lib.Context(
         num_modalities=dataset.num_modalities, fn=self.fn, params=params,
-        base=base_optimizer(cfg), hparams=dict(cfg.hparams),
+        base=base_optimizer(cfg), hparams=dict(cfg.hparams), num_train=len(dataset.y_train),
         stats_method=cfg.stats_method, stats_chunk=cfg.stats_chunk)
     self.parts = self.spec.make(ctx)
     self.step = jax.jit(self._indexed_step)
@@ -252,7 +253,7 @@ def ridge_probe(f_train, y_train, f_test, y_test, num_classes: int, l2: float) -
 # --------------------------------------------------------------------------- reporting
 
 
-def _fmt(values: Sequence[float]) -> str:
+def fmt_mean_std(values: Sequence[float]) -> str:
   values = np.asarray(values, np.float64)
   if len(values) == 1:
     return f"{values[0]:.3f}"
@@ -273,17 +274,68 @@ def markdown_table(records: list[dict]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for method in order:
     rs = [r for r in records if r["method"] == method]
-    row = [method, str(len(rs)), _fmt([r["fused_acc"] for r in rs])]
+    row = [method, str(len(rs)), fmt_mean_std([r["fused_acc"] for r in rs])]
     for key in ("branch_acc", "probe_acc", "missing_acc"):
-      row += [_fmt([r[key][i] for r in rs]) for i in range(len(mods))]
+      row += [fmt_mean_std([r[key][i] for r in rs]) for i in range(len(mods))]
     row.append(f"{np.mean([r['epoch_time_s'] for r in rs]):.2f}")
     lines.append("| " + " | ".join(row) + " |")
   r0 = records[0]
   cfg = r0["config"]
-  note = (f"\n{r0['dataset']} ({short}), test split; {cfg['epochs']} epochs, batch "
+  split = "validation split" if cfg.get("validation") else "test split"
+  note = (f"\n{r0['dataset']} ({short}), {split}; {cfg['epochs']} epochs, batch "
           f"{cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, encoder "
           f"{cfg['encoder']}, fusion {cfg['fusion']}; mean ± std over seeds.\n")
-  return "\n".join(lines) + "\n" + note
+  return "\n".join(lines) + "\n" + note + paired_table(records, order)
+
+
+def natural_baseline(method: str) -> str:
+  """``joint`` for methods whose encoders see the fusion loss only (stop-gradient
+  auxiliary heads: cggm*, ogm_ge), ``joint_uni`` (the fixed-weight sum) otherwise."""
+  spec = methods_lib.METHODS.get(method)
+  return "joint" if spec is not None and spec.stop_gradient_heads else "joint_uni"
+
+
+def paired_table(records: list[dict], order: Sequence[str]) -> str:
+  """Each method minus its natural baseline on the same seeds: mean ± std of the
+  differences (see :func:`natural_baseline`).
+
+  Seeds fix the initialisation and the batch order, so per-seed differences remove
+  most of the seed-to-seed spread that the plain table carries. "better" counts the
+  seeds on which the method's fused accuracy beats the baseline's.
+  """
+  by_method = {}
+  for r in records:
+    by_method.setdefault(r["method"], {})[r["seed"]] = r
+  mods = records[0]["modalities"]
+  header = (["method", "vs", "seeds", "Δ fused", "better"] + [f"Δ branch {m}" for m in mods] +
+            [f"Δ probe {m}" for m in mods])
+  lines = ["\nPaired differences (method − baseline, same seeds; baseline `joint` for "
+           "methods whose encoders see the fusion loss only, else `joint_uni`):\n",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for method in order:
+    baseline = natural_baseline(method)
+    base = by_method.get(baseline, {})
+    if method in ("joint", "joint_uni") or not base:
+      continue
+    pairs = [(r, base[seed]) for seed, r in sorted(by_method[method].items()) if seed in base]
+    if not pairs:
+      continue
+    fused = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
+    row = [method, baseline, str(len(pairs)), fmt_delta(fused),
+           f"{sum(d > 0 for d in fused)}/{len(pairs)}"]
+    for key in ("branch_acc", "probe_acc"):
+      row += [fmt_delta([a[key][i] - b[key][i] for a, b in pairs]) for i in range(len(mods))]
+    lines.append("| " + " | ".join(row) + " |")
+  if len(lines) == 3:
+    return ""
+  return "\n".join(lines) + "\n"
+
+
+def fmt_delta(values: Sequence[float]) -> str:
+  values = np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f"{values[0]:+.3f}"
+  return f"{values.mean():+.3f} ± {values.std(ddof=1):.3f}"
 
 
 def plot_curves(records: list[dict], path: pathlib.Path) -> None:
@@ -350,6 +402,20 @@ def merge_records(path: pathlib.Path, new: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- CLI
 
 
+def source_commit() -> str | None:
+  """The checkout's commit (``+dirty`` when tracked files differ from it), or None."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=root, capture_output=True, text=True, check=True,
+                           timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ("+dirty" if dirty else "")
+
+
 def parse_seeds(text: str) -> list[int]:
   """``"5"`` -> ``[0, 1, 2, 3, 4]``; ``"0,3,7"`` -> ``[0, 3, 7]``; ``"2-4"`` -> ``[2, 3, 4]``."""
   if "," in text:
@@ -385,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--rho", type=float, default=1.3, help="CGGM magnitude scale")
   p.add_argument("--cggm-lambda", type=float, default=0.1, help="CGGM direction weight")
   p.add_argument("--alpha", type=float, default=0.1, help="OGM-GE modulation strength")
+  p.add_argument("--noise", choices=("absolute", "relative"),
+                 help="BOGC noise scale (default: the method's own)")
+  p.add_argument("--laplace-damping", type=float, default=1.0,
+                 help="bogc_laplace prior precision")
+  p.add_argument("--laplace-center", choices=("batch", "draws"), default="batch",
+                 help="bogc_laplace: the means are the batch gradients (batch) or the "
+                 "draws' average (draws, the paper's moment matching)")
+  p.add_argument("--validation", type=float, metavar="FRACTION",
+                 help="tune: hold out FRACTION of the training split and report on it "
+                 "(the test split is not used)")
   p.add_argument("--stats-method", choices=("auto", "vmap", "fast"), default="auto",
                  help="bj.source_grad_stats method for BOGC / MMPareto")
   p.add_argument("--stats-chunk", type=int, help="bj.source_grad_stats chunk_size")
@@ -397,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-plot", action="store_true")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--list", action="store_true", help="list datasets and methods, then exit")
+  p.add_argument("--rebuild", action="store_true",
+                 help="only re-render OUT/<dataset>.md and the plot from OUT/<dataset>.json")
   return p
 
 
@@ -423,7 +501,28 @@ def config_from_args(args, dataset: str) -> TrainConfig:
       fusion=args.fusion, feature_dim=args.feature_dim, hidden=args.hidden,
       stats_method=args.stats_method, stats_chunk=args.stats_chunk,
       hparams={"kappa": args.kappa, "gamma": args.gamma, "rho": args.rho,
-               "cggm_lambda": args.cggm_lambda, "alpha": args.alpha})
+               "cggm_lambda": args.cggm_lambda, "alpha": args.alpha,
+               "laplace_damping": args.laplace_damping,
+               "laplace_center": args.laplace_center,
+               **({"noise": args.noise} if args.noise else {})})
+
+
+def rebuild(args) -> int:
+  """Re-render the tables (and plots) of ``--dataset`` from the records in ``--out``."""
+  status = 0
+  for dataset_name in [d.strip() for d in args.dataset.split(",") if d.strip()]:
+    path = pathlib.Path(args.out) / f"{dataset_name}.json"
+    if not path.exists():
+      print(f"[skip] {path} does not exist; run the experiment first", file=sys.stderr)
+      status = 1
+      continue
+    records = json.loads(path.read_text())
+    table = markdown_table(records)
+    path.with_suffix(".md").write_text(table)
+    if not args.no_plot:
+      plot_curves(records, path.parent / f"{dataset_name}_curves.png")
+    print(table)
+  return status
 
 
 def run(args) -> int:
@@ -442,6 +541,9 @@ def run(args) -> int:
     return 2
   seeds = parse_seeds(args.seeds)
   out_dir = pathlib.Path(args.out)
+  environment = {"jax": jax.__version__, "backend": jax.default_backend(),
+                 "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "commit": source_commit()}
   status = 0
   for dataset_name in [d.strip() for d in args.dataset.split(",") if d.strip()]:
     try:
@@ -450,6 +552,8 @@ def run(args) -> int:
       print(f"[skip] {dataset_name}: {err}", file=sys.stderr)
       status = 1
       continue
+    if args.validation:
+      dataset = dataset.validation_split(args.validation, seed=args.data_seed)
     if args.max_train or args.max_test:
       dataset = dataset.subset(args.max_train, args.max_test, seed=args.data_seed)
     cfg = config_from_args(args, dataset_name)
@@ -472,11 +576,11 @@ def run(args) -> int:
             "modalities": list(dataset.modalities),
             "num_train": len(dataset.y_train), "num_test": len(dataset.y_test),
             "config": {**{k: v for k, v in dataclasses.asdict(cfg).items()
-                          if k != "hparams"}, **cfg.hparams, "data_seed": args.data_seed},
+                          if k != "hparams"}, **cfg.hparams, "data_seed": args.data_seed,
+                       "validation": args.validation},
             "train_time_s": result["train_time_s"], "epoch_time_s": result["epoch_time_s"],
             "first_epoch_time_s": result["first_epoch_time_s"],
-            "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                            "cpus": os.cpu_count(), "python": platform.python_version()},
+            "environment": environment,
             "dataset_info": dataset.info, "curves": result["curves"],
         }
         records.append(record)
@@ -499,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.list:
     print(list_registry())
     return 0
+  if args.rebuild:
+    return rebuild(args)
   return run(args)
 
 

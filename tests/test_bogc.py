@@ -690,7 +690,7 @@ def test_error_mask_structure():
     ({"kappa": -1.0}, "kappa"), ({"gamma": -0.5}, "gamma"),
     ({"prior_weight": 0.0}, "prior_weight"), ({"eps": 0.0}, "eps"),
     ({"eps": -1e-3}, "eps"), ({"kappa": float("nan")}, "kappa"),
-    ({"aggregation": "mean"}, "aggregation"),
+    ({"aggregation": "mean"}, "aggregation"), ({"noise": "snr"}, "noise"),
 ])
 def test_error_bad_hyperparameters(kwargs, name):
   with pytest.raises(ValueError, match=name):
@@ -701,3 +701,134 @@ def test_error_bad_hyperparameters(kwargs, name):
 def test_error_bad_num_sources(num_sources):
   with pytest.raises(ValueError, match="num_sources"):
     bj.bogc(num_sources)
+
+
+# ------------------------------------------------ noise="relative" (scale-free sources)
+
+
+@functools.lru_cache(maxsize=None)
+def _relative_weights(aggregation):
+  def weights(mean, var, hyper):
+    return bj.coordinate_weights(mean, var, COUNT, aggregation=aggregation,
+                                 noise="relative", **hyper)[0]
+  return jax.jit(weights, compiler_options=FAST_COMPILE)
+
+
+def relative_reference(mean, var, aggregation, **hyper):
+  """float64: rescale each source by its mean squared touched mean, then the reference."""
+  mean64 = np.asarray(mean, np.float64)
+  var64 = np.asarray(var, np.float64)
+  flat_m = mean64.reshape(mean64.shape[0], -1)
+  flat_v = var64.reshape(flat_m.shape)
+  touched = (flat_m != 0) | (flat_v != 0)
+  power = np.array([np.mean(flat_m[s, touched[s]] ** 2) if touched[s].any() else 1.0
+                    for s in range(flat_m.shape[0])])
+  power = np.where(power > 0, power, 1e-30)  # a pure-noise source: no trust
+  scaled_m = flat_m / np.sqrt(power)[:, None]
+  scaled_v = flat_v / power[:, None]
+  _, _, _, weights = reference_leaf(scaled_m, scaled_v, COUNT, aggregation, **hyper)
+  n_t = touched.sum(axis=0)
+  return n_t * np.sum(weights * flat_m, axis=0), weights
+
+
+@pytest.mark.parametrize("aggregation", CALIBRATING)
+@SETTINGS
+@hypothesis.given(seed=seeds, tree=st.sampled_from(sorted(TREES)),
+                  num_sources=st.integers(1, 4), kappa=st.floats(0.0, 4.0),
+                  gamma=st.floats(0.0, 2.0), eps=st.floats(1e-4, 0.5))
+def test_relative_noise_matches_reference(aggregation, seed, tree, num_sources, kappa,
+                                          gamma, eps):
+  stats = random_stats(np.random.default_rng(seed), TREES[tree], num_sources,
+                       all_touched_var=True)
+  hyper = dict(kappa=kappa, gamma=gamma, eps=eps)
+  tx = bj.bogc(num_sources, aggregation=aggregation, noise="relative", **hyper)
+  params = jax.tree.map(lambda m: jnp.zeros(m.shape[1:]), stats.mean)
+  out, _ = jax.jit(tx.update)(stats.fixed_weight_grads(), tx.init(params), params,
+                              grad_stats=stats)
+  for g, m, v in zip(jax.tree.leaves(out), jax.tree.leaves(stats.mean),
+                     jax.tree.leaves(stats.var)):
+    want, _ = relative_reference(m, v, aggregation, **hyper)
+    scale = np.sum(np.abs(np.asarray(m, np.float64)), 0).reshape(-1)
+    np.testing.assert_array_less(np.abs(np.asarray(g, np.float64).reshape(-1) - want),
+                                 1e-4 * (scale + 1e-30))
+
+
+@pytest.mark.parametrize("aggregation", CALIBRATING)
+@SETTINGS
+@hypothesis.given(seed=seeds, num_sources=st.integers(2, 4),
+                  log_c=st.lists(st.floats(-12, 12), min_size=4, max_size=4))
+def test_relative_noise_rescaling_one_source_changes_no_weight(aggregation, seed,
+                                                               num_sources, log_c):
+  # "absolute" moves weight toward a source whose loss is scaled down; "relative" does
+  # not: each source is measured against its own signal.
+  rng = np.random.default_rng(seed)
+  mean = rng.normal(size=(num_sources, 5, 3)) * 10.0 ** rng.uniform(-2, 2, (num_sources, 1, 1))
+  var = rng.exponential(size=mean.shape) * mean.std() ** 2 * 10.0 ** rng.uniform(-2, 2, mean.shape)
+  c = 10.0 ** np.asarray(log_c[:num_sources])[:, None, None]
+  hyper = {k: jnp.asarray(v, jnp.float32) for k, v in DEFAULTS.items() if k != "prior_weight"}
+  hyper["prior_weight"] = jnp.asarray(1.0, jnp.float32)
+  weights = _relative_weights(aggregation)
+  before = weights(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), hyper)
+  after = weights(jnp.asarray(mean * c, jnp.float32), jnp.asarray(var * c * c, jnp.float32),
+                  hyper)
+  np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-6)
+  absolute = [bj.coordinate_weights(jnp.asarray(m, jnp.float32), jnp.asarray(v, jnp.float32),
+                                    COUNT, aggregation=aggregation)[0]
+              for m, v in ((mean, var), (mean * c, var * c * c))]
+  if np.ptp(log_c[:num_sources]) > 3:  # the property is not vacuous
+    assert np.max(np.abs(np.asarray(absolute[0]) - np.asarray(absolute[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("aggregation", CALIBRATING)
+@SETTINGS
+@hypothesis.given(seed=seeds, num_sources=st.integers(1, 4), gamma=st.floats(0.0, 4.0))
+def test_relative_noise_properties_1_2_5(aggregation, seed, num_sources, gamma):
+  rng = np.random.default_rng(seed)
+  shape = (num_sources, 6, 2)
+  mean = rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3, (num_sources, 1, 1))
+  off = rng.random(shape) < 0.3
+  off[:, 0, 0] = True
+  off[0, 0, 0] = False  # coordinate (0, 0): source 0 alone
+  mean[off] = 0.0
+  power = np.array([np.mean(mean[s][~off[s]] ** 2) for s in range(num_sources)])
+  hyper = {k: jnp.asarray(v, jnp.float32) for k, v in DEFAULTS.items()}
+  hyper["gamma"] = jnp.asarray(gamma, jnp.float32)
+  weights = _relative_weights(aggregation)
+  touched = ~off
+  n_t = touched.sum(0)
+  # 1: equal noise-to-signal ratios at every coordinate -> the fixed-weight sum.
+  ratio = rng.exponential(size=shape[1:])
+  var = np.where(off, 0.0, power[:, None, None] * ratio)
+  w = np.asarray(weights(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), hyper))
+  np.testing.assert_allclose(w, np.where(touched, 1.0 / np.maximum(n_t, 1), 0.0), atol=1e-5)
+  # 2: a coordinate touched by one source gives it the whole weight.
+  assert w[0, 0, 0] == pytest.approx(1.0)
+  # 5: raising a source's own variance at a coordinate never raises its weight there.
+  var = np.where(off, 0.0, rng.exponential(size=shape) * power[:, None, None])
+  w = np.asarray(weights(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), hyper))
+  for _ in range(4):
+    s, i, j = (int(rng.integers(n)) for n in shape)
+    if off[s, i, j]:
+      continue
+    raised = var.copy()
+    raised[s, i, j] *= 10.0 ** rng.uniform(0.01, 3)
+    w2 = np.asarray(weights(jnp.asarray(mean, jnp.float32), jnp.asarray(raised, jnp.float32),
+                            hyper))
+    assert w2[s, i, j] <= w[s, i, j] * (1 + 1e-5) + 1e-7
+
+
+def test_relative_noise_trusts_the_still_learning_source():
+  # Two sources touch a shared leaf: "fusion" has converged (gradients and noise both
+  # 100x smaller), "unimodal" is still learning with the same noise-to-signal ratio
+  # plus a 2x noisier fusion signal. Absolute precision hands the fusion loss almost
+  # all the weight; relative noise prefers the cleaner unimodal gradient.
+  rng = np.random.default_rng(0)
+  signal = rng.normal(size=(2, 50))
+  mean = signal * np.array([[0.01], [1.0]])
+  var = np.abs(signal) ** 2 * np.array([[4e-4], [1.0]])
+  w_abs = bj.coordinate_weights(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32),
+                                COUNT)[0]
+  w_rel = bj.coordinate_weights(jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32),
+                                COUNT, noise="relative")[0]
+  assert float(jnp.mean(w_abs[0])) > 0.75
+  assert float(jnp.mean(w_rel[1])) > 0.6

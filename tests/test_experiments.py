@@ -294,6 +294,131 @@ def test_encoder_labels_and_ridge_probe():
   assert run_lib.ridge_probe(feats[:150], y[:150], feats[150:], y[150:], 3, 1e-2) == 1.0
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_validation_split_holds_out_part_of_train_by_class(fraction):
+  d = _toy_dataset(num_train=60, seed=3)
+  v = d.validation_split(fraction, seed=5)
+  rows = lambda xs: {tuple(np.round(np.concatenate([x.reshape(len(x), -1)[i] for x in xs]), 6))
+                     for i in range(len(xs[0]))}
+  train, held, original = rows(v.x_train), rows(v.x_test), rows(d.x_train)
+  assert train.isdisjoint(held) and train | held == original  # the test split is unused
+  assert rows(d.x_test).isdisjoint(held)
+  for label in np.unique(d.y_train):
+    n = int(np.sum(d.y_train == label))
+    assert int(np.sum(v.y_test == label)) == max(1, round(fraction * n))
+  assert "validation" in v.info["split"]
+  assert np.array_equal(d.validation_split(fraction, seed=5).y_test, v.y_test)
+  with pytest.raises(ValueError, match="validation fraction"):
+    d.validation_split(1.0)
+
+
+def test_validation_split_holds_out_whole_groups():
+  d = _toy_dataset(num_train=60, seed=4)
+  groups = np.repeat(np.arange(6), 10).astype(np.int32)
+  d = data_lib.Dataset(d.name, d.modalities, d.kinds, d.x_train, d.y_train, d.x_test,
+                       d.y_test, d.num_classes, groups_train=groups)
+  for fraction, count in ((0.1, 1), (0.25, 2), (0.5, 3), (0.99, 5)):
+    v = d.validation_split(fraction, seed=1)
+    held = sorted(int(g) for g in set(np.unique(groups)) - set(np.unique(v.groups_train)))
+    assert len(held) == count and len(v.y_test) == 10 * count
+    assert len(v.y_train) == 60 - 10 * count and len(v.groups_train) == len(v.y_train)
+    assert f"groups {held}" in v.info["split"]
+  # Seeds 0..5 are the six folds of leave-one-group-out: disjoint, covering every group.
+  held = [set(np.unique(groups)) - set(np.unique(d.validation_split(0.1, seed=k).groups_train))
+          for k in range(6)]
+  assert all(len(h) == 1 for h in held) and set().union(*held) == set(range(6))
+  sub = d.subset(num_train=20, seed=2)
+  assert len(sub.groups_train) == 20
+  # The kept groups are those of the kept examples.
+  first = np.asarray([np.flatnonzero((d.x_train[1] == row).all(1))[0] for row in sub.x_train[1]])
+  assert np.array_equal(groups[first], sub.groups_train)
+  one = data_lib.Dataset(d.name, d.modalities, d.kinds, d.x_train, d.y_train, d.x_test,
+                         d.y_test, d.num_classes, groups_train=np.zeros(60, np.int32))
+  with pytest.raises(ValueError, match="at least 2 training groups"):
+    one.validation_split(0.5)
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "auto", "transformer"])
+def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
+  cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
+  _, params = run_lib.make_model(_toy_dataset(), cfg, 0)
+  mask = methods_lib.encoder_output_mask(params)
+  chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask)
+            if on]
+  assert len(chosen) == 4  # kernel and bias of two encoders
+  for path in chosen:
+    assert path.startswith("['encoders']")
+  # Each chosen kernel produces the encoder's output features.
+  kernels = [p for p in chosen if p.endswith("['kernel']")]
+  for m, path in enumerate(sorted(kernels)):
+    leaf = params
+    for key in path.strip("[]").split("]["):
+      leaf = leaf[int(key) if key.isdigit() else key.strip("'")]
+    assert leaf.shape[-1] == 8
+
+
+def _record(method, seed, fused, branch, probe):
+  return {"dataset": "toy", "method": method, "seed": seed, "fused_acc": fused,
+          "branch_acc": branch, "probe_acc": probe, "missing_acc": [0.0, 0.0],
+          "modalities": ["a", "b"], "epoch_time_s": 1.0,
+          "config": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
+                     "encoder": "mlp", "fusion": "concat"}}
+
+
+def test_paired_table_differences_against_the_natural_baseline():
+  rng = np.random.default_rng(0)
+  records, want = [], {"bogc": [], "cggm": []}
+  for seed in range(4):
+    for base_name, method in (("joint_uni", "bogc"), ("joint", "cggm")):
+      base = rng.uniform(0.5, 0.9, 5)
+      delta = rng.normal(0, 0.05, 5)
+      records.append(_record(base_name, seed, base[0], list(base[1:3]), list(base[3:])))
+      records.append(_record(method, seed, base[0] + delta[0], list(base[1:3] + delta[1:3]),
+                             list(base[3:] + delta[3:])))
+      want[method].append(delta)
+  records.append(_record("bogc", 9, 0.1, [0.1, 0.1], [0.1, 0.1]))  # no baseline: unpaired
+  table = run_lib.paired_table(records, ["joint", "joint_uni", "bogc", "cggm"])
+  for method, baseline in (("bogc", "joint_uni"), ("cggm", "joint")):
+    row = [line for line in table.splitlines() if line.startswith(f"| {method} |")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    d = np.asarray(want[method])
+    assert cells[1] == baseline and cells[2] == "4"
+    assert cells[3] == f"{d[:, 0].mean():+.3f} ± {d[:, 0].std(ddof=1):.3f}"
+    assert cells[4] == f"{int(np.sum(d[:, 0] > 0))}/4"
+    assert cells[8] == f"{d[:, 4].mean():+.3f} ± {d[:, 4].std(ddof=1):.3f}"
+  assert not any(line.startswith(("| joint |", "| joint_uni |")) for line in table.splitlines())
+  assert run_lib.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"]) == ""
+
+
+def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch, capsys):
+  from experiments import tune  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(data_lib.DATASETS, "toy", data_lib.DatasetSpec(
+      lambda data_dir, seed=0, use_cache=True: _toy_dataset(num_train=40, seed=seed), {},
+      "toy", False))
+  monkeypatch.setattr(tune, "GRID", (("adam", "joint_uni,joint", ()),
+                                     ("adam_lr", "joint", ("--lr", "3e-3"))))
+  argv = ["--dataset", "toy", "--seeds", "2", "--folds", "2", "--epochs", "1",
+          "--out", str(tmp_path)]
+  monkeypatch.setattr(run_lib, "config_from_args", _small(run_lib.config_from_args))
+  assert tune.main(argv) == 0
+  rows = json.loads((tmp_path / "toy.json").read_text())
+  assert [(r["setting"], r["method"]) for r in rows] == [
+      ("adam", "joint_uni"), ("adam", "joint"), ("adam_lr", "joint")]
+  assert rows[0]["delta_fused"] == 0.0 and all(r["seeds"] == 4 for r in rows)
+  folds = [json.loads((tmp_path / "toy" / "adam_lr" / f"fold{k}" / "toy.json").read_text())
+           for k in range(2)]
+  assert [r["config"]["data_seed"] for r in folds[0] + folds[1]] == [0, 0, 1, 1]
+  assert folds[0][0]["config"]["validation"] == 0.25 and folds[0][0]["num_test"] == 10
+  assert "validation folds [0, 1]" in (tmp_path / "toy.md").read_text()
+
+
+def _small(config_from_args):
+  def small(args, dataset):
+    args.feature_dim, args.hidden, args.encoder, args.batch_size = 8, 8, "mlp", 8
+    return config_from_args(args, dataset)
+  return small
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -349,6 +474,11 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
   table = (out / "toy.md").read_text()
   assert "| joint_uni | 2 |" in table and "±" in table and table in captured.out
   assert (out / "toy_curves.png").stat().st_size > 1000
+  # --rebuild re-renders the table from the records alone.
+  (out / "toy.md").unlink()
+  assert run_lib.main(["--dataset", "toy", "--out", str(out), "--rebuild", "--no-plot"]) == 0
+  assert (out / "toy.md").read_text() == table
+  assert run_lib.main(["--dataset", "nothing", "--out", str(out), "--rebuild"]) == 1
   # Re-running one method and seed replaces its record and keeps the others; records
   # made with another configuration are dropped.
   again = dict(records[0], fused_acc=-1.0)

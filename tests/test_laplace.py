@@ -40,12 +40,14 @@ def mlp_problem(seed=0, batch_size=8):
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_laplace(losses_fn, mask_key, num_samples, damping):
+def jitted_laplace(losses_fn, mask_key, num_samples, damping, dataset_size=None,
+                   center="draws"):
   mask = jax.tree.unflatten(*mask_key)
 
   def fn(params, batch, key):
     return bj.laplace_grad_stats(losses_fn, params, batch, key, mask=mask,
-                                 num_samples=num_samples, damping=damping, method="vmap")
+                                 num_samples=num_samples, damping=damping,
+                                 dataset_size=dataset_size, center=center, method="vmap")
 
   return jax.jit(fn, compiler_options=FAST_COMPILE)
 
@@ -55,10 +57,11 @@ def exact_stats(losses_fn, params, batch):
   return jax.jit(fn, compiler_options=FAST_COMPILE)(params, batch)
 
 
-def laplace(losses_fn, params, batch, key, mask, num_samples=8, damping=1.0):
+def laplace(losses_fn, params, batch, key, mask, num_samples=8, damping=1.0,
+            dataset_size=None, center="draws"):
   leaves, treedef = jax.tree.flatten(mask)
-  return jitted_laplace(losses_fn, (treedef, tuple(leaves)), num_samples, damping)(
-      params, batch, key)
+  return jitted_laplace(losses_fn, (treedef, tuple(leaves)), num_samples, damping,
+                        dataset_size, center)(params, batch, key)
 
 
 def test_shapes_dtypes_and_none_leaves():
@@ -114,6 +117,27 @@ def test_infinite_damping_collapses_to_the_batch_mean_gradient():
   assert float(np.max(spread.var["heads"][0]["w"])) > 1e-4
 
 
+def test_center_batch_keeps_the_batch_gradient_and_the_draws_variance():
+  params, batch, losses_fn, mask = mlp_problem(seed=2)
+  key = jax.random.key(5)
+  draws = laplace(losses_fn, params, batch, key, mask, num_samples=6, damping=0.3)
+  centred = laplace(losses_fn, params, batch, key, mask, num_samples=6, damping=0.3,
+                    center="batch")
+  exact = exact_stats(losses_fn, params, batch)
+  is_none = lambda x: x is None
+  for got, want, d_mean in zip(jax.tree.leaves(centred.mean, is_leaf=is_none),
+                               jax.tree.leaves(exact.mean),
+                               jax.tree.leaves(draws.mean, is_leaf=is_none)):
+    if got is None:
+      assert d_mean is None
+      continue
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(d_mean, want, rtol=1e-3)  # the draws' average moved
+  for a, b in zip(jax.tree.leaves(centred.var), jax.tree.leaves(draws.var)):
+    np.testing.assert_array_equal(a, b)
+  assert centred.count == draws.count == 6
+
+
 def _quadratic_problem():
   rng = np.random.default_rng(7)
   n = 16
@@ -144,13 +168,18 @@ def _quadratic_problem():
   return params, batch, losses_fn, np.stack(fisher), np.stack(linear), np.stack(mean_grad)
 
 
-@pytest.mark.parametrize("damping", [0.5, 20.0])
-def test_fisher_posterior_gives_the_predicted_gradient_variance(damping):
+@pytest.mark.parametrize("damping, dataset_size", [(0.5, None), (20.0, None), (20.0, 16),
+                                                   (20.0, 400)])
+def test_fisher_posterior_gives_the_predicted_gradient_variance(damping, dataset_size):
   params, batch, losses_fn, fisher, linear, mean_grad = _quadratic_problem()
   num_samples = 8192
   stats = laplace(losses_fn, params, batch, jax.random.key(11),
-                  {"w": True, "body": False}, num_samples=num_samples, damping=damping)
+                  {"w": True, "body": False}, num_samples=num_samples, damping=damping,
+                  dataset_size=dataset_size)
   assert stats.mean["body"] is None
+  n = batch["x"].shape[0]
+  # The batch Fisher stands for N examples: scaled by N / n (N = n by default).
+  fisher = fisher * (n if dataset_size is None else dataset_size) / n
   predicted = np.einsum("sdj,sj->sd", linear**2, 1.0 / (fisher + damping))
   got_var = np.asarray(stats.var["w"], np.float64)
   got_mean = np.asarray(stats.mean["w"], np.float64)
@@ -163,7 +192,8 @@ def test_fisher_posterior_gives_the_predicted_gradient_variance(damping):
                                5 * np.sqrt(predicted / num_samples) + 1e-5)
   # The Fisher is the sum over examples of squared gradients, mean**2 term included: a
   # posterior from (n - 1) var alone, or from the mean of g**2, predicts another spread.
-  n = batch["x"].shape[0]
+  if dataset_size is not None:
+    return
   centred = fisher - n * mean_grad**2
   for wrong in (centred, fisher / n):
     other = np.einsum("sdj,sj->sd", linear**2, 1.0 / (wrong + damping))
@@ -187,6 +217,21 @@ def test_error_damping(damping):
   with pytest.raises(ValueError, match="damping"):
     bj.laplace_grad_stats(losses_fn, params, batch, jax.random.key(0), mask=mask,
                           damping=damping)
+
+
+def test_error_center():
+  params, batch, losses_fn, mask = mlp_problem()
+  with pytest.raises(ValueError, match="center must be one of"):
+    bj.laplace_grad_stats(losses_fn, params, batch, jax.random.key(0), mask=mask,
+                          center="mode")
+
+
+@pytest.mark.parametrize("dataset_size", [0, -5, 2.5, True])
+def test_error_dataset_size(dataset_size):
+  params, batch, losses_fn, mask = mlp_problem()
+  with pytest.raises((ValueError, TypeError), match="dataset_size"):
+    bj.laplace_grad_stats(losses_fn, params, batch, jax.random.key(0), mask=mask,
+                          dataset_size=dataset_size)
 
 
 def test_error_empty_or_malformed_mask():
