@@ -3,9 +3,11 @@
 #
 #   bash experiments/reproduce.sh            # everything (about 2 hours on 2 CPU cores)
 #   bash experiments/reproduce.sh main sgd   # only the named parts: main, sgd, tune
+#   DRY_RUN=1 bash experiments/reproduce.sh  # print the commands, run nothing
 #
 # Each command writes results/<dataset>.{json,md} (results/sgd/ for the SGD grid,
-# results/tuning/ for the validation search); records carry the commit that made them.
+# results/tuning/ for the validation search; summary.md: the paired differences of
+# every dataset in one table); records carry the commit that made them.
 # The log of what ran, when, for how long and with which exit status is appended to
 # results/experiment_log.md.
 set -uo pipefail
@@ -13,8 +15,8 @@ cd "$(dirname "$0")/.."
 parts=("${@:-main sgd tune}")
 parts=(${parts[*]})
 log=results/experiment_log.md
-mkdir -p results
-if [ ! -f "$log" ]; then
+if [ -z "${DRY_RUN:-}" ] && [ ! -f "$log" ]; then
+  mkdir -p results
   printf '# Experiment log\n\nAppended by experiments/reproduce.sh: one entry per command.\n\n' >"$log"
 fi
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -22,6 +24,10 @@ status=0
 
 step() {
   local start end rc
+  if [ -n "${DRY_RUN:-}" ]; then
+    echo "$*"
+    return
+  fi
   start=$(date +%s)
   echo "+ $*" >&2
   "$@"
@@ -46,11 +52,13 @@ if has main; then  # Adam 1e-3 (the CLI's defaults), every method, 5 seeds, test
   run --dataset avdigits --methods joint,joint_uni,bogc,bogc_relative --seeds 5
   run --dataset avdigits --methods bogc_precision,bogc_dimension_frame,bogc_laplace --seeds 5
   run --dataset avdigits --methods cggm,cggm_on_updates,cggm_reference,ogm_ge,mmpareto --seeds 5
+  step python -m experiments.summary
 fi
 if has sgd; then  # SGD 1e-2, momentum 0.9 on the three imbalanced datasets
   for dataset in utdmhad2 utdmhad3 avdigits; do
     run --dataset "$dataset" --methods "$SGD_METHODS" --seeds 5 --optimizer sgd --out results/sgd
   done
+  step python -m experiments.summary --results results/sgd
 fi
 if has tune; then  # the validation-split search (the test split is never read)
   step python -m experiments.tune --dataset utdmhad2 --folds 4 --seeds 2

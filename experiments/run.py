@@ -175,8 +175,11 @@ class Trainer:
     outs = [f(tuple(jnp.asarray(x[i:i + chunk]) for x in xs)) for i in range(0, n, chunk)]
     return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
 
-  def train(self, seed: int, progress=None) -> dict:
-    """Train from seed ``seed``; return the record (without dataset-level keys)."""
+  def epochs(self, seed: int, num_epochs: int | None = None):
+    """Train from seed ``seed``, yielding ``(epoch, params, opt_state, losses)`` after
+    each epoch (``losses``: ``[S]`` numpy mean training losses; ``num_epochs`` defaults to
+    the configuration's). Epoch ``e`` visits the training set in the order drawn from
+    ``default_rng(seed + 1_000_003)``, so every method sees the same batches."""
     d, cfg = self.dataset, self.cfg
     _, params = make_model(d, cfg, seed)
     if self.parts.init is not None:
@@ -189,21 +192,26 @@ class Trainer:
     rng = np.random.default_rng(seed + 1_000_003)
     xs_train = tuple(jnp.asarray(x) for x in d.x_train)
     y_train = jnp.asarray(d.y_train)
-    curves = {"epoch": [], "fused_acc": [], "branch_acc": [], "head_acc": [], "loss": []}
-    epoch_times = []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-      t0 = time.perf_counter()
+    for epoch in range(1, (num_epochs or cfg.epochs) + 1):
       perm = rng.permutation(n)[:num_batches * bs].reshape(num_batches, bs)
       params, opt_state, losses = self.run_epoch(params, opt_state, xs_train, y_train,
                                                  jnp.asarray(perm), seed,
                                                  (epoch - 1) * num_batches)
       losses = np.asarray(losses)
-      epoch_times.append(time.perf_counter() - t0)
       if not np.all(np.isfinite(losses)):
         raise FloatingPointError(
             f"{self.method} seed {seed}: non-finite training loss {losses.tolist()} at "
             f"epoch {epoch}; lower --lr or check the method's hyper-parameters.")
+      yield epoch, params, opt_state, losses
+
+  def train(self, seed: int, progress=None) -> dict:
+    """Train from seed ``seed``; return the record (without dataset-level keys)."""
+    d = self.dataset
+    curves = {"epoch": [], "fused_acc": [], "branch_acc": [], "head_acc": [], "loss": []}
+    epoch_times = []
+    start = t0 = time.perf_counter()
+    for epoch, params, _, losses in self.epochs(seed):
+      epoch_times.append(time.perf_counter() - t0)
       ev = self.evaluate(params, d.x_test, d.y_test)
       curves["epoch"].append(epoch)
       curves["fused_acc"].append(ev["fused_acc"])
@@ -214,6 +222,7 @@ class Trainer:
         progress.set_postfix_str(f"{self.method} s{seed} ep{epoch} fused {ev['fused_acc']:.3f}",
                                  refresh=False)
         progress.update(1)
+      t0 = time.perf_counter()
     train_time = time.perf_counter() - start
     final = self.evaluate(params, d.x_test, d.y_test)
     return {
@@ -355,15 +364,16 @@ def plot_curves(records: list[dict], path: pathlib.Path) -> None:
     epochs = min(len(r["curves"]["epoch"]) for r in rs)
     x = np.arange(1, epochs + 1)
     color = colors[k % len(colors)]
+    style = ("-", "--", ":")[(k // len(colors)) % 3]  # more methods than colours
     fused = np.mean([r["curves"]["fused_acc"][:epochs] for r in rs], axis=0)
     loss = np.mean([np.asarray(r["curves"]["loss"][:epochs])[:, 0] for r in rs], axis=0)
-    axes[0, 0].plot(x, fused, color=color, label=method)
-    axes[1, 0].plot(x, loss, color=color, label=method)
+    axes[0, 0].plot(x, fused, color=color, linestyle=style, label=method)
+    axes[1, 0].plot(x, loss, color=color, linestyle=style, label=method)
     for i in range(len(mods)):
       branch = np.mean([np.asarray(r["curves"]["branch_acc"][:epochs])[:, i] for r in rs], 0)
       head = np.mean([np.asarray(r["curves"]["head_acc"][:epochs])[:, i] for r in rs], 0)
-      axes[0, i + 1].plot(x, branch, color=color, label=method)
-      axes[1, i + 1].plot(x, head, color=color, label=method)
+      axes[0, i + 1].plot(x, branch, color=color, linestyle=style, label=method)
+      axes[1, i + 1].plot(x, head, color=color, linestyle=style, label=method)
   axes[0, 0].set_title("fused accuracy")
   axes[1, 0].set_title("fusion loss (train)")
   for i, m in enumerate(mods):

@@ -486,3 +486,81 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
   assert len(merged) == 4 and merged[-1]["fused_acc"] == -1.0
   other = dict(again, config={**again["config"], "epochs": 99})
   assert run_lib.merge_records(out / "toy.json", [other]) == [other]
+
+
+# --------------------------------------------------------------------------- reproduce.sh
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _reproduce_commands(*parts):
+  import os  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(["bash", str(ROOT / "experiments" / "reproduce.sh"), *parts],
+                       env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True,
+                       check=True, timeout=60).stdout
+  return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
+  from experiments import summary, tune  # pylint: disable=g-import-not-at-top
+  commands = _reproduce_commands()
+  assert commands and all(c[:2] == ["python", "-m"] for c in commands)
+  main_grid = {}
+  for command in commands:
+    module, argv = command[2], command[3:]
+    parser = {"experiments.run": run_lib.build_parser, "experiments.tune": tune.build_parser,
+              "experiments.summary": summary.build_parser}[module]()
+    args = parser.parse_args(argv)  # exits (fails the test) on an unknown flag
+    if module != "experiments.summary":
+      assert args.dataset in data_lib.DATASETS
+    if module == "experiments.run":
+      names = (list(methods_lib.METHODS) if args.methods == "all"
+               else args.methods.split(","))
+      assert set(names) <= set(methods_lib.METHODS), names
+      if args.out == "results" and args.optimizer == "adam":
+        main_grid.setdefault(args.dataset, set()).update(names)
+  # The main table covers every registered method on each of the five datasets.
+  assert set(main_grid) == {"utdmhad2", "utdmhad3", "ucimf2", "basicmotions", "avdigits"}
+  assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
+  # The parts can be run alone; nothing runs when DRY_RUN is set.
+  assert len(_reproduce_commands("sgd")) == 4
+  assert _reproduce_commands("nothing") == []
+
+
+def test_summary_pairs_seeds_and_picks_the_least_used_modality(tmp_path):
+  from experiments import summary  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  records, deltas = [], {}
+  for seed in range(3):
+    for method in ("joint", "joint_uni", "bogc", "cggm"):
+      fused = float(rng.uniform(0.5, 0.9))
+      branch = [float(rng.uniform(0.5, 0.9)), float(rng.uniform(0.0, 0.2))]  # b is weak
+      probe = [float(v) for v in rng.uniform(0.5, 0.9, 2)]
+      records.append(dict(_record(method, seed, fused, branch, probe), dataset="toy"))
+  records.append(dict(_record("bogc", 7, 0.0, [0.0, 0.0], [0.0, 0.0]), dataset="toy"))
+  by_seed = {(r["method"], r["seed"]): r for r in records}
+  for method, base in (("joint_uni", "joint"), ("bogc", "joint_uni"), ("cggm", "joint")):
+    deltas[method] = np.array([
+        [by_seed[method, s]["fused_acc"] - by_seed[base, s]["fused_acc"],
+         by_seed[method, s]["branch_acc"][1] - by_seed[base, s]["branch_acc"][1],
+         by_seed[method, s]["probe_acc"][1] - by_seed[base, s]["probe_acc"][1]]
+        for s in range(3)])
+  (tmp_path / "toy.json").write_text(json.dumps(records))
+  (tmp_path / "summary.json").write_text(json.dumps([{"not": "records"}]))
+  assert summary.main(["--results", str(tmp_path)]) == 0
+  text = (tmp_path / "summary.md").read_text()
+  assert "| toy (b) |" in text  # the weak modality is the least used one under joint
+  tables = text.split("| method | vs |")[1:]
+  assert len(tables) == 3
+  for k, table in enumerate(tables):
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "joint" not in rows  # the reference of every comparison has no row
+    for method, base in (("joint_uni", "joint"), ("bogc", "joint_uni"), ("cggm", "joint")):
+      d = deltas[method][:, k]
+      assert rows[method][1] == base
+      assert rows[method][2] == (f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
+                                 f"({int(np.sum(d > 0))}/3)")
+  assert summary.main(["--results", str(tmp_path / "empty")]) == 1

@@ -1,66 +1,76 @@
-"""What does bogc_laplace's posterior (encoder last layers, N = train size) hand to bogc?
+"""What does bogc_laplace's posterior (encoder last layers) hand to bogc?
 
-For utdmhad2, seed 0, at initialisation and after 20 epochs of joint_uni, on one batch of
+On utdmhad2, seed 0, at initialisation and after 20 epochs of joint_uni, for one batch of
 32: per chosen leaf and source, the Laplace mean's relative distance from the exact batch
 gradient, the median ratio of the Laplace variance to the per-sample variance of the
-batch mean (var / n), and bogc's mean source weights from each estimator.
+batch mean (var / n), and bogc's mean source weights from each estimator; per leaf, the
+RMS weight and the median posterior standard deviation. Once with the batch's own Fisher
+(``dataset_size=None``) and once with the training set's (``N`` = 431).
+
 usage: PYTHONPATH=. python experiments/analysis/diag_laplace_encoder.py [damping]
 """
 import sys
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+
 import bogc_jax as bj
-from experiments import data as D, methods as M, run as R
+from experiments import data as data_lib
+from experiments import methods as methods_lib
+from experiments import run as run_lib
 
 damping = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
-d = D.load_dataset("utdmhad2")
-cfg = R.TrainConfig(epochs=20, batch_size=32)
-tr = R.Trainer(d, "joint_uni", cfg)
-_, params = R.make_model(d, cfg, 0)
-mask = M.encoder_output_mask(params)
-batch = (tuple(jnp.asarray(x[:32]) for x in d.x_train), jnp.asarray(d.y_train[:32]))
-S = d.num_modalities + 1
+dataset = data_lib.load_dataset("utdmhad2")
+trainer = run_lib.Trainer(dataset, "joint_uni", run_lib.TrainConfig(epochs=20, batch_size=32))
+batch = (tuple(jnp.asarray(x[:32]) for x in dataset.x_train), jnp.asarray(dataset.y_train[:32]))
+num_sources = dataset.num_modalities + 1
+is_none = lambda x: x is None
 
 
-def weights(stats, params):
-  tx = bj.bogc(S)
-  grads = stats.fixed_weight_grads() if all(m is not None for m in jax.tree.leaves(
-      stats.mean, is_leaf=lambda x: x is None)) else None
-  exact = bj.source_grad_stats(tr.fn.losses, params, batch, method="vmap")
+def source_weights(stats, params):
+  exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
+  tx = bj.bogc(num_sources)
   _, state = tx.update(exact.fixed_weight_grads(), tx.init(params), params, grad_stats=stats)
   return state.source_weights
 
 
 def report(params, when):
-  exact = bj.source_grad_stats(tr.fn.losses, params, batch, method="vmap")
-  lap = bj.laplace_grad_stats(tr.fn.losses, params, batch, jax.random.key(0), mask=mask,
-                              damping=damping, dataset_size=len(d.y_train), method="vmap")
-  w_exact = weights(exact, params)
-  w_lap = weights(lap, params)
-  flat = jax.tree_util.tree_leaves_with_path(mask)
-  for (path, on), me, ve, ml, vl, we, wl in zip(
-      flat, jax.tree.leaves(exact.mean), jax.tree.leaves(exact.var),
-      jax.tree.leaves(lap.mean, is_leaf=lambda x: x is None),
-      jax.tree.leaves(lap.var, is_leaf=lambda x: x is None),
-      jax.tree.leaves(w_exact), jax.tree.leaves(w_lap)):
-    if not on:
-      continue
-    name = jax.tree_util.keystr(path)
-    for s in range(S):
-      if float(jnp.max(jnp.abs(me[s]))) == 0:
+  mask = methods_lib.encoder_output_mask(params)
+  exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
+  w_exact = source_weights(exact, params)
+  for dataset_size in (None, len(dataset.y_train)):
+    lap = bj.laplace_grad_stats(trainer.fn.losses, params, batch, jax.random.key(0),
+                                mask=mask, damping=damping, dataset_size=dataset_size,
+                                method="vmap")
+    w_lap = source_weights(lap, params)
+    scale = (dataset_size or exact.count) / exact.count
+    print(f"--- {when}, Fisher of N = {dataset_size or 'the batch'}, damping {damping}")
+    leaves = zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params),
+                 jax.tree.leaves(exact.mean), jax.tree.leaves(exact.var),
+                 jax.tree.leaves(lap.mean, is_leaf=is_none),
+                 jax.tree.leaves(lap.var, is_leaf=is_none),
+                 jax.tree.leaves(w_exact), jax.tree.leaves(w_lap))
+    for (path, on), weight, me, ve, ml, vl, we, wl in leaves:
+      if not on:
         continue
-      rel = float(jnp.linalg.norm(ml[s] - me[s]) / jnp.linalg.norm(me[s]))
-      ratio = float(jnp.median(vl[s] / jnp.maximum(ve[s] / exact.count, 1e-30)))
-      print(f"{when:8s} {name:34s} source {s}: |mean_lap - g| / |g| = {rel:7.3f}  "
-            f"median var_lap / (var / n) = {ratio:9.3g}  weight per-sample {float(we[s]):.2f}"
-            f"  laplace {float(wl[s]):.2f}")
+      name = jax.tree_util.keystr(path)
+      n = exact.count
+      fisher = scale * ((n - 1) * ve + n * me**2)
+      posterior_std = 1 / jnp.sqrt(jnp.max(fisher, axis=0) + damping)
+      print(f"{name:34s} rms weight {float(jnp.sqrt(jnp.mean(weight**2))):.3f}, median "
+            f"posterior std {float(jnp.median(posterior_std)):.3f}")
+      for s in range(num_sources):
+        if float(jnp.max(jnp.abs(me[s]))) == 0:
+          continue
+        rel = float(jnp.linalg.norm(ml[s] - me[s]) / jnp.linalg.norm(me[s]))
+        ratio = float(jnp.median(vl[s] / jnp.maximum(ve[s] / n, 1e-30)))
+        print(f"  source {s}: |mean_lap - g| / |g| = {rel:7.3f}, median var_lap / (var / n) "
+              f"= {ratio:9.3g}, bogc weight: per-sample {float(we[s]):.2f}, "
+              f"laplace {float(wl[s]):.2f}")
 
 
-report(params, "init")
-opt_state = tr.parts.tx.init(params)
-rng = np.random.default_rng(1_000_003)
-xs = tuple(jnp.asarray(x) for x in d.x_train); y = jnp.asarray(d.y_train)
-n = len(y); nb = n // 32
-for e in range(cfg.epochs):
-  perm = rng.permutation(n)[:nb * 32].reshape(nb, 32)
-  params, opt_state, _ = tr.run_epoch(params, opt_state, xs, y, jnp.asarray(perm), 0, e * nb)
-report(params, "epoch 20")
+_, initial = run_lib.make_model(dataset, trainer.cfg, 0)
+report(initial, "init")
+for epoch, params, _, _ in trainer.epochs(seed=0):
+  pass
+report(params, f"epoch {epoch}")
