@@ -412,13 +412,18 @@ def merge_records(path: pathlib.Path, new: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- CLI
 
 
-def source_commit() -> str | None:
-  """The checkout's commit (``+dirty`` when tracked files differ from it), or None."""
-  root = pathlib.Path(__file__).resolve().parent.parent
+def source_commit(root: pathlib.Path | None = None) -> str | None:
+  """The checkout's commit, or None outside a git checkout.
+
+  ``+dirty`` is appended when tracked files other than those under ``results/`` (which the
+  runs themselves rewrite) differ from it.
+  """
+  root = root or pathlib.Path(__file__).resolve().parent.parent
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                           text=True, check=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            ".", ":(exclude)results"],
                            cwd=root, capture_output=True, text=True, check=True,
                            timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):

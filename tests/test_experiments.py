@@ -564,3 +564,23 @@ def test_summary_pairs_seeds_and_picks_the_least_used_modality(tmp_path):
       assert rows[method][2] == (f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
                                  f"({int(np.sum(d > 0))}/3)")
   assert summary.main(["--results", str(tmp_path / "empty")]) == 1
+
+
+def test_source_commit_names_the_commit_and_ignores_rewritten_results(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                  cwd=tmp_path, check=True, capture_output=True, text=True)
+  assert run_lib.source_commit(tmp_path) is None  # not a checkout
+  git("init", "-q")
+  (tmp_path / "results").mkdir()
+  (tmp_path / "results" / "toy.json").write_text("[]")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git("add", ".")
+  git("commit", "-qm", "c")
+  head = git("rev-parse", "HEAD").stdout.strip()
+  assert run_lib.source_commit(tmp_path) == head
+  (tmp_path / "results" / "toy.json").unlink()  # results the runs rewrite: still clean
+  (tmp_path / "untracked.py").write_text("")
+  assert run_lib.source_commit(tmp_path) == head
+  (tmp_path / "code.py").write_text("x = 2\n")
+  assert run_lib.source_commit(tmp_path) == head + "+dirty"
