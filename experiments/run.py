@@ -74,12 +74,20 @@ class TrainConfig:
                               channels=tuple(self.channels))
 
 
-def base_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """``adam(lr)`` or ``sgd(lr, momentum)``."""
+def base_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  """``adam(lr)`` or ``sgd(lr, momentum)``; with ``hparams["lr_schedule"] == "cosine"``
+  the learning rate decays from ``lr`` to 0 over ``total_steps`` (a cosine)."""
+  schedule = cfg.hparams.get("lr_schedule", "constant")
+  if schedule == "cosine":
+    lr = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1))
+  elif schedule == "constant":
+    lr = cfg.lr
+  else:
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine'; got {schedule!r}.")
   if cfg.optimizer == "adam":
-    return optax.adam(cfg.lr)
+    return optax.adam(lr)
   if cfg.optimizer == "sgd":
-    return optax.sgd(cfg.lr, momentum=cfg.momentum or None)
+    return optax.sgd(lr, momentum=cfg.momentum or None)
   raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {cfg.optimizer!r}.")
 
 
@@ -98,7 +106,8 @@ class Trainer:
     self.fn, params = make_model(dataset, cfg, seed=0)
     ctx = methods_lib.Context(
         num_modalities=dataset.num_modalities, fn=self.fn, params=params,
-        base=base_optimizer(cfg), hparams=dict(cfg.hparams), num_train=len(dataset.y_train),
+        base=base_optimizer(cfg, cfg.epochs * self.steps_per_epoch()),
+        hparams=dict(cfg.hparams), num_train=len(dataset.y_train),
         stats_method=cfg.stats_method, stats_chunk=cfg.stats_chunk)
     self.parts = self.spec.make(ctx)
     self.step = jax.jit(self._indexed_step)
@@ -175,6 +184,11 @@ class Trainer:
     outs = [f(tuple(jnp.asarray(x[i:i + chunk]) for x in xs)) for i in range(0, n, chunk)]
     return tuple(np.concatenate([np.asarray(o[k]) for o in outs]) for k in range(len(outs[0])))
 
+  def steps_per_epoch(self) -> int:
+    """Full batches per epoch (the last partial batch is dropped)."""
+    n = len(self.dataset.y_train)
+    return n // min(self.cfg.batch_size, n)
+
   def epochs(self, seed: int, num_epochs: int | None = None):
     """Train from seed ``seed``, yielding ``(epoch, params, opt_state, losses)`` after
     each epoch (``losses``: ``[S]`` numpy mean training losses; ``num_epochs`` defaults to
@@ -188,7 +202,7 @@ class Trainer:
       opt_state = self.parts.tx.init(params)
     n = len(d.y_train)
     bs = min(cfg.batch_size, n)
-    num_batches = n // bs
+    num_batches = self.steps_per_epoch()
     rng = np.random.default_rng(seed + 1_000_003)
     xs_train = tuple(jnp.asarray(x) for x in d.x_train)
     y_train = jnp.asarray(d.y_train)
@@ -457,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
   p.add_argument("--lr", type=float, help="default 1e-3 (adam), 1e-2 (sgd)")
   p.add_argument("--momentum", type=float, default=0.9, help="for sgd")
+  p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                 help="cosine: decay the learning rate to 0 over the run")
   p.add_argument("--encoder", choices=models.ENCODERS, default="auto")
   p.add_argument("--fusion", choices=models.FUSIONS, default="concat")
   p.add_argument("--feature-dim", type=int, default=64)
@@ -519,7 +535,10 @@ def config_from_args(args, dataset: str) -> TrainConfig:
                "cggm_lambda": args.cggm_lambda, "alpha": args.alpha,
                "laplace_damping": args.laplace_damping,
                "laplace_center": args.laplace_center,
-               **({"noise": args.noise} if args.noise else {})})
+               # Recorded only when set, so earlier records keep their configuration.
+               **({"noise": args.noise} if args.noise else {}),
+               **({"lr_schedule": args.lr_schedule}
+                  if args.lr_schedule != "constant" else {})})
 
 
 def rebuild(args) -> int:

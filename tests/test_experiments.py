@@ -6,6 +6,7 @@ Loader tests read small slices of the real files under the data directory
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -584,3 +585,27 @@ def test_source_commit_names_the_commit_and_ignores_rewritten_results(tmp_path):
   assert run_lib.source_commit(tmp_path) == head
   (tmp_path / "code.py").write_text("x = 2\n")
   assert run_lib.source_commit(tmp_path) == head + "+dirty"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cosine_schedule_decays_the_step_to_zero_over_the_run(optimizer):
+  hparams = {"lr_schedule": "cosine"}
+  cfg = run_lib.TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.0, hparams=hparams)
+  tx = run_lib.base_optimizer(cfg, total_steps=10)
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  steps = []
+  for _ in range(11):
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    steps.append(float(-updates["w"][0]))
+  want = [0.1 * 0.5 * (1 + np.cos(np.pi * t / 10)) for t in range(11)]
+  np.testing.assert_allclose(steps, want, rtol=1e-3, atol=1e-6)
+  constant = run_lib.base_optimizer(dataclasses.replace(cfg, hparams={}), total_steps=10)
+  updates, _ = constant.update({"w": jnp.ones(3)}, constant.init(params), params)
+  assert float(-updates["w"][0]) == pytest.approx(0.1, rel=1e-3)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    run_lib.base_optimizer(dataclasses.replace(cfg, hparams={"lr_schedule": "step"}), 10)
+  args = run_lib.build_parser().parse_args(["--lr-schedule", "cosine"])
+  assert run_lib.config_from_args(args, "utdmhad2").hparams["lr_schedule"] == "cosine"
+  args = run_lib.build_parser().parse_args([])
+  assert "lr_schedule" not in run_lib.config_from_args(args, "utdmhad2").hparams
