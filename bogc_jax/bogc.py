@@ -43,35 +43,6 @@ class BogcState(NamedTuple):
   nonfinite_count: jax.Array
 
 
-def relative_noise(mean, var, touched):
-  """Each source's statistics in units of its own signal on the leaf.
-
-  With ``p_s = mean_{d: s touches d} mu[s, d]**2`` (the source's mean squared gradient
-  over the leaf), returns ``(mu / sqrt(p_s), v / p_s)``: the variance becomes a
-  noise-to-signal ratio, which no longer depends on the source's gradient scale. A
-  source that touches the leaf with zero mean everywhere (pure noise) gets
-  ``p_s = 1e-30`` of its own largest standard deviation squared: no trust.
-
-  Args:
-    mean: ``[S, ...]`` mean gradients.
-    var: ``[S, ...]`` variances.
-    touched: ``[S, ...]`` booleans.
-
-  Returns:
-    ``(mean, var)`` rescaled per source, same shapes.
-  """
-  axes = tuple(range(1, mean.ndim))
-  # Units of each source's largest |mean| (or std): no overflow or underflow.
-  unit = jnp.max(jnp.where(touched, jnp.maximum(jnp.abs(mean), jnp.sqrt(var)), 0), axis=axes,
-                 keepdims=True)
-  unit = jnp.where(unit > 0, unit, 1)
-  scaled = mean / unit
-  count = jnp.maximum(jnp.sum(touched, axis=axes, keepdims=True), 1).astype(mean.dtype)
-  power = jnp.sum(jnp.where(touched, jnp.square(scaled), 0), axis=axes, keepdims=True) / count
-  power = jnp.maximum(power, 1e-30)
-  return scaled / jnp.sqrt(power), var / unit / unit / power
-
-
 def coordinate_weights(mean, var, count, *, kappa=1.0, gamma=1.0, prior_weight=1.0,
                        eps=1e-3, aggregation: Aggregation = "dempster",
                        noise: Noise = "absolute"):
@@ -105,7 +76,7 @@ def coordinate_weights(mean, var, count, *, kappa=1.0, gamma=1.0, prior_weight=1
   touched = (mean != 0) | (var != 0)
   num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
   if noise == "relative":
-    mean_for_noise, var = relative_noise(mean, var, touched)
+    mean_for_noise, var = ev.relative_to_own_signal(mean, var, touched)
   else:
     mean_for_noise = mean
   lam = ev.precision(var / jnp.asarray(count).astype(var.dtype), mean_for_noise, touched, eps)

@@ -1,6 +1,7 @@
 """Precision -> evidence -> opinion, and the reduced Dempster-Shafer rule.
 
-Every function here is pure and elementwise over parameter coordinates: arrays carry the
+Every function here is pure and elementwise over parameter coordinates (except
+:func:`relative_to_own_signal`, which pools each source over a leaf): arrays carry the
 sources on axis 0 (``[S, ...]``) and any coordinate shape after it. A boolean ``touched``
 array of the same shape marks, for each coordinate ``d``, the set ``T_d`` of sources whose
 gradient reaches ``d``; the others are *vacuous* there (no evidence, full uncertainty).
@@ -13,7 +14,9 @@ The chain, for coordinate ``d`` and source ``s`` in ``T_d``:
     b[s,d]   = e / (e + W),   u[s,d] = W / (e + W)                    opinion
 
 Each source's opinion is a simple support function on the frame ``T_d``: mass ``b`` on
-the singleton ``{s}`` and ``u`` on the whole frame ``Theta``. Opinions are fused with the
+the singleton ``{s}`` and ``u`` on the whole frame ``Theta``. With
+``bogc(noise="relative")``, ``mu[s]`` and ``v[s]`` first become ``mu[s] / sqrt(p_s)`` and
+``v[s] / p_s``, ``p_s`` the source's mean squared gradient over the leaf. Opinions are fused with the
 reduced Dempster rule (Han et al., ICLR 2021).
 """
 
@@ -69,6 +72,51 @@ def touched_mean(x: Array, touched: Array) -> Array:
   return total / jnp.maximum(_count(touched, x.dtype), 1)
 
 
+def _magnitude(mean: Array, var: Array, touched: Array) -> Array:
+  """``max(|mu|, sqrt(v))`` where touched, 0 elsewhere: a unit that keeps squares finite."""
+  return jnp.where(touched, jnp.maximum(jnp.abs(mean), jnp.sqrt(var)), 0)
+
+
+def relative_to_own_signal(mean: Array, var: Array, touched: Array) -> tuple[Array, Array]:
+  """Each source's statistics in units of its own signal on the leaf.
+
+  With ``p_s = mean_{d: s touches d} mu[s, d]**2`` (the source's mean squared gradient
+  over the leaf, the last axes), returns ``(mu / sqrt(p_s), v / p_s)``: the variance
+  becomes a noise-to-signal ratio, which no longer depends on the source's gradient
+  scale. A source that touches the leaf with zero mean everywhere (pure noise) gets
+  ``p_s = 1e-30`` in units of its own largest standard deviation squared: no trust.
+  ``bogc(noise="relative")`` feeds the result to :func:`precision`.
+
+  Args:
+    mean: ``[S, ...]`` mean gradients.
+    var: ``[S, ...]`` variances.
+    touched: ``[S, ...]`` booleans.
+
+  Returns:
+    ``(mean, var)`` rescaled per source, same shapes.
+
+  Example:
+    Source 1 is source 0 scaled by 10: the same statistics in its own units.
+
+    >>> import jax.numpy as jnp, bogc_jax as bj
+    >>> mean = jnp.array([[1.0, 3.0], [10.0, 30.0]])
+    >>> var = jnp.array([[2.0, 4.0], [200.0, 400.0]])
+    >>> m, v = bj.evidence.relative_to_own_signal(mean, var, jnp.ones((2, 2), bool))
+    >>> [[round(x, 3) for x in row] for row in v.tolist()]
+    [[0.4, 0.8], [0.4, 0.8]]
+  """
+  axes = tuple(range(1, mean.ndim))
+  # In units of each source's largest |mean| (or std): the squares neither overflow nor
+  # underflow.
+  unit = jnp.max(_magnitude(mean, var, touched), axis=axes, keepdims=True)
+  unit = jnp.where(unit > 0, unit, 1)
+  scaled = mean / unit
+  count = jnp.maximum(jnp.sum(touched, axis=axes, keepdims=True), 1).astype(mean.dtype)
+  power = jnp.sum(jnp.where(touched, jnp.square(scaled), 0), axis=axes, keepdims=True) / count
+  power = jnp.maximum(power, 1e-30)
+  return scaled / jnp.sqrt(power), var / unit / unit / power
+
+
 def precision(var: Array, mean: Array, touched: Array, eps: float = 1e-3) -> Array:
   """Per-coordinate precision with a signal-to-noise floor, relative to its mean.
 
@@ -109,14 +157,13 @@ def precision(var: Array, mean: Array, touched: Array, eps: float = 1e-3) -> Arr
                           fix="It weighs the signal-to-noise floor; 1e-3 is the default.")
   # In units of the largest |mean| or std at the coordinate: the squares below neither
   # overflow nor underflow at any gradient scale, and the ratios are unchanged.
-  unit = _max_over_sources(
-      jnp.where(touched, jnp.maximum(jnp.abs(mean), jnp.sqrt(var)), 0))
+  unit = _max_over_sources(_magnitude(mean, var, touched))
   unit = jnp.where(unit > 0, unit, 1)
   floor = eps * touched_mean(jnp.square(mean / unit), touched)
   noise = var / unit / unit + floor
   mean_noise = touched_mean(noise, touched)
-  relative_noise = noise / jnp.where(mean_noise > 0, mean_noise, 1)
-  return jnp.where(touched, 1.0 / jnp.maximum(relative_noise, 1e-30), 0.0)
+  noise_ratio = noise / jnp.where(mean_noise > 0, mean_noise, 1)
+  return jnp.where(touched, 1.0 / jnp.maximum(noise_ratio, 1e-30), 0.0)
 
 
 def evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0) -> Array:

@@ -159,12 +159,12 @@ class Dataset:
       idx = np.sort(rng.permutation(len(y))[:n])
       return tuple(x[idx] for x in xs), y[idx]
 
+    m = self.num_modalities
     groups = () if self.groups_train is None else (self.groups_train,)
-    (*x_tr, g_tr), y_tr = take(tuple(self.x_train) + (groups or (self.y_train,)),
-                               self.y_train, num_train)
+    train, y_tr = take(tuple(self.x_train) + groups, self.y_train, num_train)
     x_te, y_te = take(self.x_test, self.y_test, num_test)
-    return dataclasses.replace(self, x_train=tuple(x_tr), y_train=y_tr, x_test=x_te,
-                               y_test=y_te, groups_train=g_tr if groups else None)
+    return dataclasses.replace(self, x_train=tuple(train[:m]), y_train=y_tr, x_test=x_te,
+                               y_test=y_te, groups_train=train[m] if groups else None)
 
   def validation_split(self, fraction: float, seed: int = 0) -> "Dataset":
     """Train on part of the training split, evaluate on the rest (for tuning).

@@ -109,22 +109,6 @@ def encoder_labels(params) -> Any:
   return bj.label_params(params, {"encoders": bj.labels.INDEX}, default=None)
 
 
-def encoder_output_mask(params) -> Any:
-  """True on each encoder's last layer (the ``"out"`` layer, or an MLP's last ``layers``
-  entry): the layer before each modality's outputs, shared by the fusion loss and that
-  modality's unimodal loss. False elsewhere."""
-  def last_layer(path, _):
-    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-    if not keys or keys[0] != "encoders":
-      return False
-    encoder = params["encoders"][keys[1]]
-    if "out" in encoder:
-      return keys[2] == "out"
-    return keys[2] == "layers" and keys[3] == len(encoder["layers"]) - 1
-
-  return jax.tree_util.tree_map_with_path(last_layer, params)
-
-
 def mean_grad_stats(losses_fn, params, batch) -> bj.GradStats:
   """Per-source batch-mean gradients only (``var`` = 0): ``S`` backward passes."""
   means = jax.jacrev(lambda p: jnp.mean(losses_fn(p, batch), axis=1))(params)
@@ -166,7 +150,7 @@ def _bogc_laplace(ctx: Context) -> MethodParts:
   leaves pass the fixed-weight sum through.
   """
   h = ctx.hparams
-  mask = encoder_output_mask(ctx.params)
+  mask = models.encoder_output_mask(ctx.params)
   tx = optax.chain(_bogc_transform(ctx, "dempster", None, "absolute"), ctx.base)
 
   def extra_args(params, batch, out, opt_state, key):

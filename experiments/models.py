@@ -353,6 +353,22 @@ def param_groups(params: dict) -> dict:
   return jax.tree_util.tree_map_with_path(group, params)
 
 
+def encoder_output_mask(params: dict) -> dict:
+  """True on each encoder's last layer (the ``"out"`` layer, or an MLP's last ``layers``
+  entry): the layer before each modality's outputs, shared by the fusion loss and that
+  modality's unimodal loss. False elsewhere."""
+  def last_layer(path, _):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    if not keys or keys[0] != "encoders":
+      return False
+    encoder = params["encoders"][keys[1]]
+    if "out" in encoder:
+      return keys[2] == "out"
+    return keys[2] == "layers" and keys[3] == len(encoder["layers"]) - 1
+
+  return jax.tree_util.tree_map_with_path(last_layer, params)
+
+
 def encoder_modalities(params: dict) -> dict:
   """A tree like ``params``: ``m`` on encoder ``m``'s leaves, ``-1`` elsewhere."""
   return jax.tree.map(lambda g: int(g.split("/")[1]) if g.startswith("encoder/") else -1,

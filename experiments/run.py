@@ -326,32 +326,48 @@ def paired_table(records: list[dict], order: Sequence[str]) -> str:
   most of the seed-to-seed spread that the plain table carries. "better" counts the
   seeds on which the method's fused accuracy beats the baseline's.
   """
-  by_method = {}
-  for r in records:
-    by_method.setdefault(r["method"], {})[r["seed"]] = r
   mods = records[0]["modalities"]
-  header = (["method", "vs", "seeds", "Δ fused", "better"] + [f"Δ branch {m}" for m in mods] +
-            [f"Δ probe {m}" for m in mods])
+  header = ["method", "vs", "seeds"] + paired_header(mods)
   lines = ["\nPaired differences (method − baseline, same seeds; baseline `joint` for "
            "methods whose encoders see the fusion loss only, else `joint_uni`):\n",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for method in order:
+    if method in ("joint", "joint_uni"):
+      continue
     baseline = natural_baseline(method)
-    base = by_method.get(baseline, {})
-    if method in ("joint", "joint_uni") or not base:
-      continue
-    pairs = [(r, base[seed]) for seed, r in sorted(by_method[method].items()) if seed in base]
-    if not pairs:
-      continue
-    fused = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
-    row = [method, baseline, str(len(pairs)), fmt_delta(fused),
-           f"{sum(d > 0 for d in fused)}/{len(pairs)}"]
-    for key in ("branch_acc", "probe_acc"):
-      row += [fmt_delta([a[key][i] - b[key][i] for a, b in pairs]) for i in range(len(mods))]
-    lines.append("| " + " | ".join(row) + " |")
+    pairs = pair_runs([r for r in records if r["method"] == method],
+                      [r for r in records if r["method"] == baseline])
+    if pairs:
+      row = [method, baseline, str(len(pairs))] + paired_cells(pairs, len(mods))
+      lines.append("| " + " | ".join(row) + " |")
   if len(lines) == 3:
     return ""
   return "\n".join(lines) + "\n"
+
+
+def pair_runs(runs: list[dict], baselines: list[dict],
+              key=lambda r: r["seed"]) -> list[tuple[dict, dict]]:
+  """``(run, baseline)`` for each run that has a baseline with the same ``key`` (by
+  default the seed: the same initialisation and batch order), in key order."""
+  by_key = {key(b): b for b in baselines}
+  return [(r, by_key[key(r)]) for r in sorted(runs, key=key) if key(r) in by_key]
+
+
+def paired_header(modalities: Sequence[str]) -> list[str]:
+  """Column names of :func:`paired_cells`."""
+  return (["Δ fused", "better"] + [f"Δ branch {m}" for m in modalities] +
+          [f"Δ probe {m}" for m in modalities])
+
+
+def paired_cells(pairs: list[tuple[dict, dict]], num_modalities: int) -> list[str]:
+  """Mean ± std of the paired differences: fused, how many runs it is higher, then each
+  modality's branch and probe accuracy."""
+  fused = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
+  cells = [fmt_delta(fused), f"{sum(d > 0 for d in fused)}/{len(pairs)}"]
+  for key in ("branch_acc", "probe_acc"):
+    cells += [fmt_delta([a[key][i] - b[key][i] for a, b in pairs])
+              for i in range(num_modalities)]
+  return cells
 
 
 def fmt_delta(values: Sequence[float]) -> str:

@@ -38,13 +38,6 @@ def weak_modality(records: list[dict]) -> int:
   return int(np.argmin(np.mean([r["branch_acc"] for r in pool], axis=0)))
 
 
-def paired(records: list[dict], method: str, baseline: str) -> list[tuple[dict, dict]]:
-  """``(method record, baseline record)`` pairs on the seeds both have."""
-  base = {r["seed"]: r for r in records if r["method"] == baseline}
-  return [(r, base[r["seed"]]) for r in sorted(records, key=lambda r: r["seed"])
-          if r["method"] == method and r["seed"] in base]
-
-
 def summarize(by_dataset: dict[str, list[dict]]) -> str:
   """The markdown summary of ``{dataset: records}``."""
   datasets = sorted(by_dataset, key=lambda d: (DATASET_ORDER.index(d)
@@ -67,7 +60,9 @@ def summarize(by_dataset: dict[str, list[dict]]) -> str:
       baseline = "joint" if method == "joint_uni" else run_lib.natural_baseline(method)
       row = [method, baseline]
       for d in datasets:
-        pairs = paired(by_dataset[d], method, baseline)
+        records = by_dataset[d]
+        pairs = run_lib.pair_runs([r for r in records if r["method"] == method],
+                                  [r for r in records if r["method"] == baseline])
         if not pairs:
           row.append("—")
           continue

@@ -67,35 +67,29 @@ def summarize(out: pathlib.Path, dataset: str) -> str:
   if not records:
     return "(no records)\n"
   mods = records[0]["modalities"]
-  def pair_key(r, method):
-    return method, r["config"]["optimizer"], r["config"]["data_seed"], r["seed"]
 
-  baselines = {pair_key(r, r["method"]): r for r in records
-               if r["method"] in ("joint", "joint_uni")}
-  header = (["setting", "method", "vs", "runs", "fused", "Δ fused", "better"] +
-            [f"Δ branch {m}" for m in mods] + [f"Δ probe {m}" for m in mods])
+  def same_run(r):  # the same optimizer, fold and seed
+    return r["config"]["optimizer"], r["config"]["data_seed"], r["seed"]
+
+  header = ["setting", "method", "vs", "runs", "fused"] + run_lib.paired_header(mods)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   rows = []
   for label, methods, _ in GRID:
     for method in methods.split(","):
-      rs = [r for r in records if r["label"] == label and r["method"] == method]
       baseline = run_lib.natural_baseline(method)
-      pairs = [(r, baselines[pair_key(r, baseline)]) for r in rs
-               if pair_key(r, baseline) in baselines]
+      pairs = run_lib.pair_runs(
+          [r for r in records if r["label"] == label and r["method"] == method],
+          [r for r in records if r["method"] == baseline], key=same_run)
       if not pairs:
         continue
-      fused = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
       row = [label, method, baseline, str(len(pairs)),
-             run_lib.fmt_mean_std([a["fused_acc"] for a, _ in pairs]),
-             run_lib.fmt_delta(fused), f"{sum(d > 0 for d in fused)}/{len(pairs)}"]
-      for key in ("branch_acc", "probe_acc"):
-        row += [run_lib.fmt_delta([a[key][i] - b[key][i] for a, b in pairs])
-                for i in range(len(mods))]
-      lines.append("| " + " | ".join(row) + " |")
+             run_lib.fmt_mean_std([a["fused_acc"] for a, _ in pairs])]
+      lines.append("| " + " | ".join(row + run_lib.paired_cells(pairs, len(mods))) + " |")
       rows.append({"setting": label, "method": method, "baseline": baseline,
                    "seeds": len(pairs),
                    "fused": float(np.mean([a["fused_acc"] for a, _ in pairs])),
-                   "delta_fused": float(np.mean(fused)),
+                   "delta_fused": float(np.mean([a["fused_acc"] - b["fused_acc"]
+                                                 for a, b in pairs])),
                    "delta_probe": [float(np.mean([a["probe_acc"][i] - b["probe_acc"][i]
                                                   for a, b in pairs]))
                                    for i in range(len(mods))]})

@@ -343,7 +343,7 @@ def test_validation_split_holds_out_whole_groups():
 def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
   cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
   _, params = run_lib.make_model(_toy_dataset(), cfg, 0)
-  mask = methods_lib.encoder_output_mask(params)
+  mask = models.encoder_output_mask(params)
   chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask)
             if on]
   assert len(chosen) == 4  # kernel and bias of two encoders

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 import bogc_jax as bj
 from experiments import data as data_lib
-from experiments import methods as methods_lib
+from experiments import models
 from experiments import run as run_lib
 
 damping = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
@@ -27,22 +27,22 @@ num_sources = dataset.num_modalities + 1
 is_none = lambda x: x is None
 
 
-def source_weights(stats, params):
-  exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
+def source_weights(stats, grads, params):
   tx = bj.bogc(num_sources)
-  _, state = tx.update(exact.fixed_weight_grads(), tx.init(params), params, grad_stats=stats)
+  _, state = tx.update(grads, tx.init(params), params, grad_stats=stats)
   return state.source_weights
 
 
 def report(params, when):
-  mask = methods_lib.encoder_output_mask(params)
+  mask = models.encoder_output_mask(params)
   exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
-  w_exact = source_weights(exact, params)
+  grads = exact.fixed_weight_grads()
+  w_exact = source_weights(exact, grads, params)
   for dataset_size in (None, len(dataset.y_train)):
     lap = bj.laplace_grad_stats(trainer.fn.losses, params, batch, jax.random.key(0),
                                 mask=mask, damping=damping, dataset_size=dataset_size,
                                 method="vmap")
-    w_lap = source_weights(lap, params)
+    w_lap = source_weights(lap, grads, params)
     scale = (dataset_size or exact.count) / exact.count
     print(f"--- {when}, Fisher of N = {dataset_size or 'the batch'}, damping {damping}")
     leaves = zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params),
