@@ -17,7 +17,8 @@ scores 0 (never NaN).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,201 +28,223 @@ BRATS_REGIONS = ((3,), (1, 3), (1, 2, 3))
 
 
 def _ratio(total: jax.Array, count: jax.Array, axis_name: Any) -> jax.Array:
-  total = jnp.asarray(total, jnp.float32)
-  count = jnp.asarray(count, jnp.float32)
-  if axis_name is not None:
-    total = jax.lax.psum(total, axis_name)
-    count = jax.lax.psum(count, axis_name)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+    total = jnp.asarray(total, jnp.float32)
+    count = jnp.asarray(count, jnp.float32)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+        count = jax.lax.psum(count, axis_name)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 
 def _weights(where, shape, argname: str = "where") -> jax.Array:
-  """Per-example weights (1 = counted) broadcast to ``shape``."""
-  if where is None:
-    return jnp.ones(shape, jnp.float32)
-  where = jnp.asarray(where)
-  if where.shape != shape:
+    """Per-example weights (1 = counted) broadcast to ``shape``."""
+    if where is None:
+        return jnp.ones(shape, jnp.float32)
+    where = jnp.asarray(where)
+    if where.shape != shape:
+        raise ValueError(
+            f"{argname} must have shape {shape} (one flag per example); got {where.shape}."
+        )
+    return where.astype(jnp.float32)
+
+
+def _class_predictions(logits: jax.Array, labels: jax.Array, class_axis: int, fn: str) -> jax.Array:
+    logits = jnp.asarray(logits)
+    if logits.ndim == labels.ndim + 1:
+        return jnp.argmax(logits, axis=class_axis)
+    if logits.shape == labels.shape and jnp.issubdtype(logits.dtype, jnp.integer):
+        return logits
     raise ValueError(
-        f"{argname} must have shape {shape} (one flag per example); got {where.shape}.")
-  return where.astype(jnp.float32)
+        f"{fn}: expected logits of shape labels.shape + [C] (labels {labels.shape}) or "
+        f"integer predictions of shape {labels.shape}; got {logits.dtype} "
+        f"{logits.shape}."
+    )
 
 
-def _class_predictions(logits: jax.Array, labels: jax.Array, class_axis: int,
-                       fn: str) -> jax.Array:
-  logits = jnp.asarray(logits)
-  if logits.ndim == labels.ndim + 1:
-    return jnp.argmax(logits, axis=class_axis)
-  if logits.shape == labels.shape and jnp.issubdtype(logits.dtype, jnp.integer):
-    return logits
-  raise ValueError(
-      f"{fn}: expected logits of shape labels.shape + [C] (labels {labels.shape}) or "
-      f"integer predictions of shape {labels.shape}; got {logits.dtype} "
-      f"{logits.shape}.")
+def accuracy(
+    logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None, axis_name: Any = None
+) -> jax.Array:
+    """Fraction of examples whose predicted class is the label.
+
+        accuracy = sum_n w_n [argmax logits_n == labels_n] / sum_n w_n
+
+    Args:
+      logits: ``[B, C]`` scores (argmax over the last axis), or ``[B]`` integer predicted
+        classes.
+      labels: ``[B]`` integer classes.
+      where: optional ``[B]`` mask (or weights) of the examples to count, e.g. to drop
+        padding.
+      axis_name: sum the counts over this mapped axis (batch split over devices).
+
+    Returns:
+      Scalar float32 in ``[0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+      >>> float(bj.metrics.accuracy(logits, jnp.array([0, 1, 1, 1])))
+      0.75
+    """
+    labels = jnp.asarray(labels)
+    predictions = _class_predictions(logits, labels, -1, "accuracy")
+    w = _weights(where, labels.shape)
+    correct = (predictions == labels).astype(jnp.float32)
+    return _ratio(jnp.sum(w * correct), jnp.sum(w), axis_name)
 
 
-def accuracy(logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None,
-             axis_name: Any = None) -> jax.Array:
-  """Fraction of examples whose predicted class is the label.
+def sign_accuracy(
+    predictions: jax.Array,
+    targets: jax.Array,
+    *,
+    exclude_zero: bool = False,
+    where: jax.Array | None = None,
+    axis_name: Any = None,
+) -> jax.Array:
+    """Binary accuracy of a regression's sign: positive vs non-positive.
 
-      accuracy = sum_n w_n [argmax logits_n == labels_n] / sum_n w_n
+        sign_accuracy = sum_n w_n [(pred_n > 0) == (target_n > 0)] / sum_n w_n
 
-  Args:
-    logits: ``[B, C]`` scores (argmax over the last axis), or ``[B]`` integer predicted
-      classes.
-    labels: ``[B]`` integer classes.
-    where: optional ``[B]`` mask (or weights) of the examples to count, e.g. to drop
-      padding.
-    axis_name: sum the counts over this mapped axis (batch split over devices).
+    As in the CGGM code (``train_eval_senti``, the CMU-MOSI/MOSEI "Acc-2"): a prediction
+    or target of exactly 0 counts as non-positive. ``exclude_zero=True`` drops examples
+    whose target is 0 (the "non-zero" Acc-2 variant).
 
-  Returns:
-    Scalar float32 in ``[0, 1]``.
+    Args:
+      predictions: ``[B]`` (or ``[B, 1]``) real predictions.
+      targets: real targets, same shape.
+      exclude_zero: skip examples with ``target == 0``.
+      where: optional ``[B]``-shaped mask of the examples to count.
+      axis_name: sum the counts over this mapped axis.
 
-  Example:
-    >>> import jax.numpy as jnp, bogc_jax as bj
-    >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
-    >>> float(bj.metrics.accuracy(logits, jnp.array([0, 1, 1, 1])))
-    0.75
-  """
-  labels = jnp.asarray(labels)
-  predictions = _class_predictions(logits, labels, -1, "accuracy")
-  w = _weights(where, labels.shape)
-  correct = (predictions == labels).astype(jnp.float32)
-  return _ratio(jnp.sum(w * correct), jnp.sum(w), axis_name)
+    Returns:
+      Scalar float32 in ``[0, 1]``.
 
-
-def sign_accuracy(predictions: jax.Array, targets: jax.Array, *,
-                  exclude_zero: bool = False, where: jax.Array | None = None,
-                  axis_name: Any = None) -> jax.Array:
-  """Binary accuracy of a regression's sign: positive vs non-positive.
-
-      sign_accuracy = sum_n w_n [(pred_n > 0) == (target_n > 0)] / sum_n w_n
-
-  As in the CGGM code (``train_eval_senti``, the CMU-MOSI/MOSEI "Acc-2"): a prediction
-  or target of exactly 0 counts as non-positive. ``exclude_zero=True`` drops examples
-  whose target is 0 (the "non-zero" Acc-2 variant).
-
-  Args:
-    predictions: ``[B]`` (or ``[B, 1]``) real predictions.
-    targets: real targets, same shape.
-    exclude_zero: skip examples with ``target == 0``.
-    where: optional ``[B]``-shaped mask of the examples to count.
-    axis_name: sum the counts over this mapped axis.
-
-  Returns:
-    Scalar float32 in ``[0, 1]``.
-
-  Example:
-    >>> import jax.numpy as jnp, bogc_jax as bj
-    >>> pred = jnp.array([0.5, -1.0, 0.0, 2.0])
-    >>> float(bj.metrics.sign_accuracy(pred, jnp.array([1.0, -0.5, 0.3, 0.0])))
-    0.5
-  """
-  predictions = jnp.asarray(predictions)
-  targets = jnp.asarray(targets)
-  if predictions.shape != targets.shape:
-    raise ValueError(
-        f"sign_accuracy: predictions {predictions.shape} and targets {targets.shape} "
-        "must have the same shape.")
-  w = _weights(where, targets.shape)
-  if exclude_zero:
-    w = w * (targets != 0).astype(jnp.float32)
-  agree = ((predictions > 0) == (targets > 0)).astype(jnp.float32)
-  return _ratio(jnp.sum(w * agree), jnp.sum(w), axis_name)
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> pred = jnp.array([0.5, -1.0, 0.0, 2.0])
+      >>> float(bj.metrics.sign_accuracy(pred, jnp.array([1.0, -0.5, 0.3, 0.0])))
+      0.5
+    """
+    predictions = jnp.asarray(predictions)
+    targets = jnp.asarray(targets)
+    if predictions.shape != targets.shape:
+        raise ValueError(
+            f"sign_accuracy: predictions {predictions.shape} and targets {targets.shape} "
+            "must have the same shape."
+        )
+    w = _weights(where, targets.shape)
+    if exclude_zero:
+        w = w * (targets != 0).astype(jnp.float32)
+    agree = ((predictions > 0) == (targets > 0)).astype(jnp.float32)
+    return _ratio(jnp.sum(w * agree), jnp.sum(w), axis_name)
 
 
-def dice(logits: jax.Array, labels: jax.Array,
-         groups: Sequence[Sequence[int]] = BRATS_REGIONS, *, class_axis: int = -1,
-         eps: float = 1e-3, where: jax.Array | None = None,
-         axis_name: Any = None) -> jax.Array:
-  """Mean Dice score over label groups, per example, averaged over the batch.
+def dice(
+    logits: jax.Array,
+    labels: jax.Array,
+    groups: Sequence[Sequence[int]] = BRATS_REGIONS,
+    *,
+    class_axis: int = -1,
+    eps: float = 1e-3,
+    where: jax.Array | None = None,
+    axis_name: Any = None,
+) -> jax.Array:
+    """Mean Dice score over label groups, per example, averaged over the batch.
 
-  For each group ``G`` (a set of labels) and example ``n``, with ``P = [pred in G]`` and
-  ``T = [label in G]`` over the example's pixels/voxels:
+    For each group ``G`` (a set of labels) and example ``n``, with ``P = [pred in G]`` and
+    ``T = [label in G]`` over the example's pixels/voxels:
 
-      dice_G(n) = (2 sum(P T) + 2 eps) / (sum(P) + sum(T) + 2 eps)
-      dice      = sum_n w_n mean_G dice_G(n) / sum_n w_n
+        dice_G(n) = (2 sum(P T) + 2 eps) / (sum(P) + sum(T) + 2 eps)
+        dice      = sum_n w_n mean_G dice_G(n) / sum_n w_n
 
-  This is the CGGM code's segmentation score (``train_eval_seg``: ``eps = 1e-3``,
-  per-example Dice averaged over the batch, then over the BraTS regions
-  :data:`BRATS_REGIONS`). An example where a region is absent from both prediction and
-  label scores 1 for it.
+    This is the CGGM code's segmentation score (``train_eval_seg``: ``eps = 1e-3``,
+    per-example Dice averaged over the batch, then over the BraTS regions
+    :data:`BRATS_REGIONS`). An example where a region is absent from both prediction and
+    label scores 1 for it.
 
-  Args:
-    logits: ``[B, *spatial, C]`` class scores (argmax over ``class_axis``), or integer
-      label maps shaped like ``labels``.
-    labels: ``[B, *spatial]`` integer label maps.
-    groups: the label groups to average over.
-    class_axis: the class axis of ``logits`` (``-1`` channels-last, ``1`` for
-      channels-first as in PyTorch).
-    eps: smoothing of each Dice ratio.
-    where: optional ``[B]`` mask of the examples to count.
-    axis_name: sum the per-example totals and the counts over this mapped axis.
+    Args:
+      logits: ``[B, *spatial, C]`` class scores (argmax over ``class_axis``), or integer
+        label maps shaped like ``labels``.
+      labels: ``[B, *spatial]`` integer label maps.
+      groups: the label groups to average over.
+      class_axis: the class axis of ``logits`` (``-1`` channels-last, ``1`` for
+        channels-first as in PyTorch).
+      eps: smoothing of each Dice ratio.
+      where: optional ``[B]`` mask of the examples to count.
+      axis_name: sum the per-example totals and the counts over this mapped axis.
 
-  Returns:
-    Scalar float32 in ``[0, 1]``.
+    Returns:
+      Scalar float32 in ``[0, 1]``.
 
-  Example:
-    >>> import jax.numpy as jnp, bogc_jax as bj
-    >>> labels = jnp.array([[[0, 1], [2, 3]]])
-    >>> round(float(bj.metrics.dice(labels, labels)), 6)
-    1.0
-  """
-  from bogc_jax import validation  # pylint: disable=g-import-not-at-top
-  validation.check_number(  # a region absent from prediction and label: 0 / 0
-      "dice", "eps", eps, strict=True,
-      fix="It smooths every Dice ratio, so that a region absent from both prediction "
-      "and label scores 1, not NaN; the CGGM code uses 1e-3.")
-  labels = jnp.asarray(labels)
-  if labels.ndim < 2:
-    raise ValueError(
-        f"dice: labels must be [B, *spatial] label maps; got shape {labels.shape}.")
-  predictions = _class_predictions(logits, labels, class_axis, "dice")
-  if not groups:
-    raise ValueError("dice: groups is empty; give at least one group of labels.")
-  spatial = tuple(range(1, labels.ndim))
-  per_group = []
-  for group in groups:
-    group = jnp.asarray(tuple(group), labels.dtype)
-    p = jnp.isin(predictions, group).astype(jnp.float32)
-    t = jnp.isin(labels, group).astype(jnp.float32)
-    inter = jnp.sum(p * t, axis=spatial) + eps
-    union = jnp.sum(p, axis=spatial) + jnp.sum(t, axis=spatial) + 2 * eps
-    per_group.append(2 * inter / union)
-  per_example = jnp.mean(jnp.stack(per_group), axis=0)  # [B]
-  w = _weights(where, labels.shape[:1])
-  return _ratio(jnp.sum(w * per_example), jnp.sum(w), axis_name)
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> labels = jnp.array([[[0, 1], [2, 3]]])
+      >>> round(float(bj.metrics.dice(labels, labels)), 6)
+      1.0
+    """
+    from bogc_jax import validation  # pylint: disable=g-import-not-at-top
+
+    validation.check_number(  # a region absent from prediction and label: 0 / 0
+        "dice",
+        "eps",
+        eps,
+        strict=True,
+        fix="It smooths every Dice ratio, so that a region absent from both prediction "
+        "and label scores 1, not NaN; the CGGM code uses 1e-3.",
+    )
+    labels = jnp.asarray(labels)
+    if labels.ndim < 2:
+        raise ValueError(
+            f"dice: labels must be [B, *spatial] label maps; got shape {labels.shape}."
+        )
+    predictions = _class_predictions(logits, labels, class_axis, "dice")
+    if not groups:
+        raise ValueError("dice: groups is empty; give at least one group of labels.")
+    spatial = tuple(range(1, labels.ndim))
+    per_group = []
+    for group in groups:
+        group = jnp.asarray(tuple(group), labels.dtype)
+        p = jnp.isin(predictions, group).astype(jnp.float32)
+        t = jnp.isin(labels, group).astype(jnp.float32)
+        inter = jnp.sum(p * t, axis=spatial) + eps
+        union = jnp.sum(p, axis=spatial) + jnp.sum(t, axis=spatial) + 2 * eps
+        per_group.append(2 * inter / union)
+    per_example = jnp.mean(jnp.stack(per_group), axis=0)  # [B]
+    w = _weights(where, labels.shape[:1])
+    return _ratio(jnp.sum(w * per_example), jnp.sum(w), axis_name)
 
 
-def confidence(logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None,
-               axis_name: Any = None) -> jax.Array:
-  """Mean softmax probability of the true class.
+def confidence(
+    logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = None, axis_name: Any = None
+) -> jax.Array:
+    """Mean softmax probability of the true class.
 
-      confidence = sum_n w_n softmax(logits_n)[labels_n] / sum_n w_n
+        confidence = sum_n w_n softmax(logits_n)[labels_n] / sum_n w_n
 
-  OGM-GE's per-modality score (the official code sums it over the batch; the ratio of two
-  modalities' scores is the same either way).
+    OGM-GE's per-modality score (the official code sums it over the batch; the ratio of two
+    modalities' scores is the same either way).
 
-  Args:
-    logits: ``[B, C]`` class scores.
-    labels: ``[B]`` integer classes.
-    where: optional ``[B]`` mask of the examples to count.
-    axis_name: sum the totals and counts over this mapped axis.
+    Args:
+      logits: ``[B, C]`` class scores.
+      labels: ``[B]`` integer classes.
+      where: optional ``[B]`` mask of the examples to count.
+      axis_name: sum the totals and counts over this mapped axis.
 
-  Returns:
-    Scalar float32 in ``[0, 1]``.
+    Returns:
+      Scalar float32 in ``[0, 1]``.
 
-  Example:
-    >>> import jax.numpy as jnp, bogc_jax as bj
-    >>> float(bj.metrics.confidence(jnp.zeros((3, 4)), jnp.array([0, 1, 2])))
-    0.25
-  """
-  logits = jnp.asarray(logits)
-  labels = jnp.asarray(labels)
-  if logits.shape[:-1] != labels.shape or logits.ndim != labels.ndim + 1:
-    raise ValueError(
-        f"confidence: expected logits of shape labels.shape + [C] (labels "
-        f"{labels.shape}); got {logits.shape}.")
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  true_prob = jnp.take_along_axis(probs, labels[..., None].astype(jnp.int32), axis=-1)
-  w = _weights(where, labels.shape)
-  return _ratio(jnp.sum(w * true_prob[..., 0]), jnp.sum(w), axis_name)
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> float(bj.metrics.confidence(jnp.zeros((3, 4)), jnp.array([0, 1, 2])))
+      0.25
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if logits.shape[:-1] != labels.shape or logits.ndim != labels.ndim + 1:
+        raise ValueError(
+            f"confidence: expected logits of shape labels.shape + [C] (labels "
+            f"{labels.shape}); got {logits.shape}."
+        )
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    true_prob = jnp.take_along_axis(probs, labels[..., None].astype(jnp.int32), axis=-1)
+    w = _weights(where, labels.shape)
+    return _ratio(jnp.sum(w * true_prob[..., 0]), jnp.sum(w), axis_name)

@@ -19,7 +19,8 @@ Every method trains the same model with the same per-source losses ``[1 + M, B]`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,307 +32,405 @@ from experiments import models
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What a method factory may use.
+    """What a method factory may use.
 
-  Attributes:
-    num_modalities: ``M``; there are ``S = 1 + M`` sources (fusion first).
-    fn: the model's pure functions (``experiments.models.Functional``).
-    params: the initial parameters (a plain dict), e.g. to build labels.
-    base: the base optimizer (``optax.adam`` or ``optax.sgd`` with momentum).
-    hparams: method hyper-parameters from the CLI (``kappa``, ``gamma``, ``rho``, ...).
-    stats_method: ``method=`` for ``bj.source_grad_stats``.
-    stats_chunk: ``chunk_size=`` for ``bj.source_grad_stats``.
-    num_train: the number of training examples (the Laplace posterior's ``N``).
-  """
+    Attributes:
+      num_modalities: ``M``; there are ``S = 1 + M`` sources (fusion first).
+      fn: the model's pure functions (``experiments.models.Functional``).
+      params: the initial parameters (a plain dict), e.g. to build labels.
+      base: the base optimizer (``optax.adam`` or ``optax.sgd`` with momentum).
+      hparams: method hyper-parameters from the CLI (``kappa``, ``gamma``, ``rho``, ...).
+      stats_method: ``method=`` for ``bj.source_grad_stats``.
+      stats_chunk: ``chunk_size=`` for ``bj.source_grad_stats``.
+      num_train: the number of training examples (the Laplace posterior's ``N``).
+    """
 
-  num_modalities: int
-  fn: models.Functional
-  params: Any
-  base: optax.GradientTransformation
-  hparams: dict
-  stats_method: str = "auto"
-  stats_chunk: int | None = None
-  num_train: int | None = None
+    num_modalities: int
+    fn: models.Functional
+    params: Any
+    base: optax.GradientTransformation
+    hparams: dict
+    stats_method: str = "auto"
+    stats_chunk: int | None = None
+    num_train: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodParts:
-  """A method, ready to train.
+    """A method, ready to train.
 
-  Attributes:
-    tx: the full transform (method chained with the base optimizer).
-    extra_args: ``(params, batch, out, opt_state, key) -> dict`` of keyword extra
-      arguments for ``tx.update``; ``out`` holds the step's forward pass (``losses
-      [S, B]``, ``fused``, ``branch`` and ``heads`` logits, ``feats``), ``key`` is a
-      fresh PRNG key for this step.
-    extra_loss: optional ``(params, batch, out, opt_state) -> scalar`` added to the
-      training loss (CGGM's direction term).
-    init: optional ``(params, seed) -> opt_state`` (default ``tx.init(params)``), for
-      transforms whose state holds a seed.
-  """
+    Attributes:
+      tx: the full transform (method chained with the base optimizer).
+      extra_args: ``(params, batch, out, opt_state, key) -> dict`` of keyword extra
+        arguments for ``tx.update``; ``out`` holds the step's forward pass (``losses
+        [S, B]``, ``fused``, ``branch`` and ``heads`` logits, ``feats``), ``key`` is a
+        fresh PRNG key for this step.
+      extra_loss: optional ``(params, batch, out, opt_state) -> scalar`` added to the
+        training loss (CGGM's direction term).
+      init: optional ``(params, seed) -> opt_state`` (default ``tx.init(params)``), for
+        transforms whose state holds a seed.
+    """
 
-  tx: optax.GradientTransformation
-  extra_args: Callable[..., dict] = lambda params, batch, out, opt_state, key: {}
-  extra_loss: Callable[..., jax.Array] | None = None
-  init: Callable[..., Any] | None = None
+    tx: optax.GradientTransformation
+    extra_args: Callable[..., dict] = lambda params, batch, out, opt_state, key: {}
+    extra_loss: Callable[..., jax.Array] | None = None
+    init: Callable[..., Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-  """One registry entry.
+    """One registry entry.
 
-  Attributes:
-    name: the CLI name.
-    description: one line for ``--list`` and the results table.
-    stop_gradient_heads: the auxiliary heads see stop-gradient features.
-    requires: ``bogc_jax`` attributes the method needs; while one is missing the
-      method is reported unavailable.
-    make: ``Context -> MethodParts``.
-  """
+    Attributes:
+      name: the CLI name.
+      description: one line for ``--list`` and the results table.
+      stop_gradient_heads: the auxiliary heads see stop-gradient features.
+      requires: ``bogc_jax`` attributes the method needs; while one is missing the
+        method is reported unavailable.
+      make: ``Context -> MethodParts``.
+    """
 
-  name: str
-  description: str
-  stop_gradient_heads: bool
-  requires: tuple[str, ...]
-  make: Callable[[Context], MethodParts]
+    name: str
+    description: str
+    stop_gradient_heads: bool
+    requires: tuple[str, ...]
+    make: Callable[[Context], MethodParts]
 
-  def missing(self) -> list[str]:
-    """The ``bogc_jax`` names this method needs that are not importable yet."""
-    return [r for r in self.requires if not hasattr(bj, r)]
+    def missing(self) -> list[str]:
+        """The ``bogc_jax`` names this method needs that are not importable yet."""
+        return [r for r in self.requires if not hasattr(bj, r)]
 
 
 def _plain(ctx: Context) -> MethodParts:
-  return MethodParts(tx=ctx.base)
+    return MethodParts(tx=ctx.base)
 
 
 def encoder_labels(params) -> Any:
-  """``param_labels``: encoder ``m``'s parameters -> ``m``; heads and fusion -> None."""
-  return bj.label_params(params, {"encoders": bj.labels.INDEX}, default=None)
+    """``param_labels``: encoder ``m``'s parameters -> ``m``; heads and fusion -> None."""
+    return bj.label_params(params, {"encoders": bj.labels.INDEX}, default=None)
 
 
 def mean_grad_stats(losses_fn, params, batch) -> bj.GradStats:
-  """Per-source batch-mean gradients only (``var`` = 0): ``S`` backward passes."""
-  means = jax.jacrev(lambda p: jnp.mean(losses_fn(p, batch), axis=1))(params)
-  count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
-  return bj.GradStats(count, means, jax.tree.map(jnp.zeros_like, means))
+    """Per-source batch-mean gradients only (``var`` = 0): ``S`` backward passes."""
+    means = jax.jacrev(lambda p: jnp.mean(losses_fn(p, batch), axis=1))(params)
+    count = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+    return bj.GradStats(count, means, jax.tree.map(jnp.zeros_like, means))
 
 
 def _grad_stats_args(ctx: Context):
-  def extra_args(params, batch, out, opt_state, key):
-    del out, opt_state, key
-    stats = bj.source_grad_stats(ctx.fn.losses, params, batch, method=ctx.stats_method,
-                                 chunk_size=ctx.stats_chunk)
-    return {"grad_stats": stats}
-  return extra_args
+    def extra_args(params, batch, out, opt_state, key):
+        del out, opt_state, key
+        stats = bj.source_grad_stats(
+            ctx.fn.losses, params, batch, method=ctx.stats_method, chunk_size=ctx.stats_chunk
+        )
+        return {"grad_stats": stats}
+
+    return extra_args
 
 
 def _bogc_transform(ctx: Context, aggregation: str, gamma: float | None, noise: str):
-  h = ctx.hparams
-  return bj.bogc(ctx.num_modalities + 1, kappa=h.get("kappa", 1.0),
-                 gamma=h.get("gamma", 1.0) if gamma is None else gamma,
-                 aggregation=aggregation, noise=h.get("noise", noise))
+    h = ctx.hparams
+    return bj.bogc(
+        ctx.num_modalities + 1,
+        kappa=h.get("kappa", 1.0),
+        gamma=h.get("gamma", 1.0) if gamma is None else gamma,
+        aggregation=aggregation,
+        noise=h.get("noise", noise),
+    )
 
 
 def _bogc(aggregation: str, gamma: float | None = None, noise: str = "absolute"):
-  def make(ctx: Context) -> MethodParts:
-    tx = optax.chain(_bogc_transform(ctx, aggregation, gamma, noise), ctx.base)
-    return MethodParts(tx=tx, extra_args=_grad_stats_args(ctx))
-  return make
+    def make(ctx: Context) -> MethodParts:
+        tx = optax.chain(_bogc_transform(ctx, aggregation, gamma, noise), ctx.base)
+        return MethodParts(tx=tx, extra_args=_grad_stats_args(ctx))
+
+    return make
 
 
 def _bogc_laplace(ctx: Context) -> MethodParts:
-  """Laplace posterior on each encoder's last layer, the posterior of the training loss.
+    """Laplace posterior on each encoder's last layer, the posterior of the training loss.
 
-  The posterior sits where the fusion loss and the unimodal losses meet (an output
-  head is reached by one source only, and a single source is never recalibrated);
-  ``dataset_size`` = the training set, so the draws have the width of the training
-  loss's posterior, not of one batch's; ``center="batch"`` (the CLI's default), so the
-  calibrated means are the batch gradients and the draws give the variances. Other
-  leaves pass the fixed-weight sum through.
-  """
-  h = ctx.hparams
-  mask = models.encoder_output_mask(ctx.params)
-  tx = optax.chain(_bogc_transform(ctx, "dempster", None, "absolute"), ctx.base)
+    The posterior sits where the fusion loss and the unimodal losses meet (an output
+    head is reached by one source only, and a single source is never recalibrated);
+    ``dataset_size`` = the training set, so the draws have the width of the training
+    loss's posterior, not of one batch's; ``center="batch"`` (the CLI's default), so the
+    calibrated means are the batch gradients and the draws give the variances. Other
+    leaves pass the fixed-weight sum through.
+    """
+    h = ctx.hparams
+    mask = models.encoder_output_mask(ctx.params)
+    tx = optax.chain(_bogc_transform(ctx, "dempster", None, "absolute"), ctx.base)
 
-  def extra_args(params, batch, out, opt_state, key):
-    del out, opt_state
-    stats = bj.laplace_grad_stats(ctx.fn.losses, params, batch, key, mask=mask,
-                                  num_samples=h.get("laplace_samples", 8),
-                                  damping=h.get("laplace_damping", 1.0),
-                                  dataset_size=ctx.num_train,
-                                  center=h.get("laplace_center", "batch"),
-                                  method=ctx.stats_method, chunk_size=ctx.stats_chunk)
-    return {"grad_stats": stats}
+    def extra_args(params, batch, out, opt_state, key):
+        del out, opt_state
+        stats = bj.laplace_grad_stats(
+            ctx.fn.losses,
+            params,
+            batch,
+            key,
+            mask=mask,
+            num_samples=h.get("laplace_samples", 8),
+            damping=h.get("laplace_damping", 1.0),
+            dataset_size=ctx.num_train,
+            center=h.get("laplace_center", "batch"),
+            method=ctx.stats_method,
+            chunk_size=ctx.stats_chunk,
+        )
+        return {"grad_stats": stats}
 
-  return MethodParts(tx=tx, extra_args=extra_args)
+    return MethodParts(tx=tx, extra_args=extra_args)
 
 
 def _output_kernels(params, num_modalities: int):
-  """Fusion output-layer kernel per modality (its row slice, or its own head)."""
-  if "fusion_heads" in params:
-    return [params["fusion_heads"][m]["kernel"] for m in range(num_modalities)]
-  kernel = params["fusion_head"]["kernel"]
-  dims = [params["heads"][m]["kernel"].shape[0] for m in range(num_modalities)]
-  offsets = [sum(dims[:m]) for m in range(num_modalities + 1)]
-  return [kernel[offsets[m]:offsets[m + 1]] for m in range(num_modalities)]
+    """Fusion output-layer kernel per modality (its row slice, or its own head)."""
+    if "fusion_heads" in params:
+        return [params["fusion_heads"][m]["kernel"] for m in range(num_modalities)]
+    kernel = params["fusion_head"]["kernel"]
+    dims = [params["heads"][m]["kernel"].shape[0] for m in range(num_modalities)]
+    offsets = [sum(dims[:m]) for m in range(num_modalities + 1)]
+    return [kernel[offsets[m] : offsets[m + 1]] for m in range(num_modalities)]
 
 
 def _classifier_partition(params):
-  groups = models.param_groups(params)
-  return jax.tree.map(lambda g: "classifiers" if g.startswith("head/") else "model", groups)
+    groups = models.param_groups(params)
+    return jax.tree.map(lambda g: "classifiers" if g.startswith("head/") else "model", groups)
 
 
 def _cggm(mode: str, direction: str, after_optimizer: bool = False):
-  """CGGM: magnitude (``bj.cggm`` on the encoders) + the direction term in the loss.
+    """CGGM: magnitude (``bj.cggm`` on the encoders) + the direction term in the loss.
 
-  The concat fusion head's kernel ``[sum_m F_m, C]`` has no single shape to compare with
-  the classifiers' ``[F_m, C]``, so the direction term compares classifier ``m`` with
-  modality ``m``'s slice ``W_m`` of the fusion head:
-  ``L_gm = (1/M) sum_m (|B_m| - B_m cos(c_m, f_m))``, with ``B`` of the previous update
-  (the reference schedule's one-step-stale coefficients, but current weights).
-  ``direction="gradients"``: ``f_m`` = the fusion loss's gradient w.r.t. ``W_m`` (taken
-  on the live features, so ``L_gm`` is differentiated through it), ``c_m`` = classifier
-  ``m``'s loss gradient w.r.t. its kernel; ``"weights"``: the kernels themselves.
+    The concat fusion head's kernel ``[sum_m F_m, C]`` has no single shape to compare with
+    the classifiers' ``[F_m, C]``, so the direction term compares classifier ``m`` with
+    modality ``m``'s slice ``W_m`` of the fusion head:
+    ``L_gm = (1/M) sum_m (|B_m| - B_m cos(c_m, f_m))``, with ``B`` of the previous update
+    (the reference schedule's one-step-stale coefficients, but current weights).
+    ``direction="gradients"``: ``f_m`` = the fusion loss's gradient w.r.t. ``W_m`` (taken
+    on the live features, so ``L_gm`` is differentiated through it), ``c_m`` = classifier
+    ``m``'s loss gradient w.r.t. its kernel; ``"weights"``: the kernels themselves.
 
-  ``after_optimizer``: scale the base optimizer's *updates* instead of the gradients
-  (``clip -> base -> cggm``). Adam divides each coordinate by a running RMS of its own
-  gradients, so a per-encoder factor applied before it is largely undone; applied after
-  it, ``rho * B_m`` scales encoder ``m``'s step as the paper intends for SGD.
-  """
-  def make(ctx: Context) -> MethodParts:
-    h, m = ctx.hparams, ctx.num_modalities
-    lam = h.get("cggm_lambda", 0.1)
-    # The classifiers (auxiliary heads on stop-gradient features) train on their own
-    # Adam (5e-4, as in the official scripts), outside the modulation and the clipping.
-    modulate = bj.cggm(encoder_labels, rho=h.get("rho", 1.3), mode=mode)
-    if after_optimizer:
-      model_tx = optax.chain(optax.clip_by_global_norm(0.8), ctx.base, modulate)
-    else:
-      model_tx = optax.chain(modulate, optax.clip_by_global_norm(0.8), ctx.base)
-    tx = optax.partition({"model": model_tx, "classifiers": optax.adam(5e-4)},
-                         _classifier_partition)
+    ``after_optimizer``: scale the base optimizer's *updates* instead of the gradients
+    (``clip -> base -> cggm``). Adam divides each coordinate by a running RMS of its own
+    gradients, so a per-encoder factor applied before it is largely undone; applied after
+    it, ``rho * B_m`` scales encoder ``m``'s step as the paper intends for SGD.
+    """
 
-    def extra_args(params, batch, out, opt_state, key):
-      del params, opt_state, key
-      labels = batch[1]
-      scores = jnp.stack([bj.metrics.accuracy(out["heads"][i], labels) for i in range(m)])
-      return {"modality_scores": scores}
+    def make(ctx: Context) -> MethodParts:
+        h, m = ctx.hparams, ctx.num_modalities
+        lam = h.get("cggm_lambda", 0.1)
+        # The classifiers (auxiliary heads on stop-gradient features) train on their own
+        # Adam (5e-4, as in the official scripts), outside the modulation and the clipping.
+        modulate = bj.cggm(encoder_labels, rho=h.get("rho", 1.3), mode=mode)
+        if after_optimizer:
+            model_tx = optax.chain(optax.clip_by_global_norm(0.8), ctx.base, modulate)
+        else:
+            model_tx = optax.chain(modulate, optax.clip_by_global_norm(0.8), ctx.base)
+        tx = optax.partition(
+            {"model": model_tx, "classifiers": optax.adam(5e-4)}, _classifier_partition
+        )
 
-    def extra_loss(params, batch, out, opt_state):
-      # Reference schedule: B of the previous update (CggmState.coefficients).
-      coeffs = optax.tree_utils.tree_get(opt_state, "coefficients")
-      if direction == "weights":
-        fusion = _output_kernels(params, m)
-        classifiers = [params["heads"][i]["kernel"] for i in range(m)]
-      else:  # the paper: gradients of the fusion loss and of each classifier's loss
-        labels = batch[1]
-        fusion_key = "fusion_heads" if "fusion_heads" in params else "fusion_head"
+        def extra_args(params, batch, out, opt_state, key):
+            del params, opt_state, key
+            labels = batch[1]
+            scores = jnp.stack([bj.metrics.accuracy(out["heads"][i], labels) for i in range(m)])
+            return {"modality_scores": scores}
 
-        def fusion_loss(sub):  # differentiable in the live features: grad of a grad
-          logits = ctx.fn.fuse({**params, fusion_key: sub}, out["feats"])
-          return jnp.mean(models.cross_entropy(logits, labels))
+        def extra_loss(params, batch, out, opt_state):
+            # Reference schedule: B of the previous update (CggmState.coefficients).
+            coeffs = optax.tree_utils.tree_get(opt_state, "coefficients")
+            if direction == "weights":
+                fusion = _output_kernels(params, m)
+                classifiers = [params["heads"][i]["kernel"] for i in range(m)]
+            else:  # the paper: gradients of the fusion loss and of each classifier's loss
+                labels = batch[1]
+                fusion_key = "fusion_heads" if "fusion_heads" in params else "fusion_head"
 
-        grads = {**params, fusion_key: jax.grad(fusion_loss)(params[fusion_key])}
-        fusion = _output_kernels(grads, m)
-        feats = [jax.lax.stop_gradient(f) for f in out["feats"]]
+                def fusion_loss(sub):  # differentiable in the live features: grad of a grad
+                    logits = ctx.fn.fuse({**params, fusion_key: sub}, out["feats"])
+                    return jnp.mean(models.cross_entropy(logits, labels))
 
-        def head_losses(heads):
-          logits = [f @ hd["kernel"] + hd["bias"] for f, hd in zip(feats, heads)]
-          return sum(jnp.mean(models.cross_entropy(z, labels)) for z in logits)
+                grads = {**params, fusion_key: jax.grad(fusion_loss)(params[fusion_key])}
+                fusion = _output_kernels(grads, m)
+                feats = [jax.lax.stop_gradient(f) for f in out["feats"]]
 
-        head_grads = jax.grad(head_losses)([params["heads"][i] for i in range(m)])
-        classifiers = [g["kernel"] for g in head_grads]
-      terms = [bj.cggm_direction_loss(coeffs[i:i + 1], fusion[i], [classifiers[i]],
-                                      direction=direction) for i in range(m)]
-      return lam * sum(terms) / m
+                def head_losses(heads):
+                    logits = [f @ hd["kernel"] + hd["bias"] for f, hd in zip(feats, heads)]
+                    return sum(jnp.mean(models.cross_entropy(z, labels)) for z in logits)
 
-    return MethodParts(tx=tx, extra_args=extra_args, extra_loss=extra_loss)
-  return make
+                head_grads = jax.grad(head_losses)([params["heads"][i] for i in range(m)])
+                classifiers = [g["kernel"] for g in head_grads]
+            terms = [
+                bj.cggm_direction_loss(
+                    coeffs[i : i + 1], fusion[i], [classifiers[i]], direction=direction
+                )
+                for i in range(m)
+            ]
+            return lam * sum(terms) / m
+
+        return MethodParts(tx=tx, extra_args=extra_args, extra_loss=extra_loss)
+
+    return make
 
 
 def _ogm_ge(ctx: Context) -> MethodParts:
-  h, m = ctx.hparams, ctx.num_modalities
-  tx = optax.chain(bj.ogm_ge(encoder_labels, alpha=h.get("alpha", 0.1)), ctx.base)
+    h, m = ctx.hparams, ctx.num_modalities
+    tx = optax.chain(bj.ogm_ge(encoder_labels, alpha=h.get("alpha", 0.1)), ctx.base)
 
-  def extra_args(params, batch, out, opt_state, key):
-    del params, opt_state, key
-    labels = batch[1]
-    scores = jnp.stack([bj.metrics.confidence(out["branch"][i], labels) for i in range(m)])
-    return {"modality_scores": scores}
+    def extra_args(params, batch, out, opt_state, key):
+        del params, opt_state, key
+        labels = batch[1]
+        scores = jnp.stack([bj.metrics.confidence(out["branch"][i], labels) for i in range(m)])
+        return {"modality_scores": scores}
 
-  def init(params, seed):
-    state = tx.init(params)
-    key = jax.random.key_data(jax.random.key(seed))
-    return optax.tree_utils.tree_set(state, key=key)
+    def init(params, seed):
+        state = tx.init(params)
+        key = jax.random.key_data(jax.random.key(seed))
+        return optax.tree_utils.tree_set(state, key=key)
 
-  return MethodParts(tx=tx, extra_args=extra_args, init=init)
+    return MethodParts(tx=tx, extra_args=extra_args, init=init)
 
 
 def _mmpareto(ctx: Context) -> MethodParts:
-  tx = optax.chain(bj.mmpareto(encoder_labels, gamma=ctx.hparams.get("pareto_gamma", 1.5)),
-                   ctx.base)
+    tx = optax.chain(
+        bj.mmpareto(encoder_labels, gamma=ctx.hparams.get("pareto_gamma", 1.5)), ctx.base
+    )
 
-  def extra_args(params, batch, out, opt_state, key):
-    del out, opt_state, key
-    return {"grad_stats": mean_grad_stats(ctx.fn.losses, params, batch)}
+    def extra_args(params, batch, out, opt_state, key):
+        del out, opt_state, key
+        return {"grad_stats": mean_grad_stats(ctx.fn.losses, params, batch)}
 
-  return MethodParts(tx=tx, extra_args=extra_args)
+    return MethodParts(tx=tx, extra_args=extra_args)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-  METHODS[spec.name] = spec
-  return spec
+    METHODS[spec.name] = spec
+    return spec
 
 
-register(MethodSpec("joint", "fusion loss only (heads trained as stop-gradient monitors)",
-                    True, (), _plain))
-register(MethodSpec("joint_uni", "fusion + unimodal losses, fixed-weight sum (BOGC's "
-                    "baseline)", False, (), _plain))
-register(MethodSpec("bogc", "BOGC, reduced Dempster-Shafer fusion of per-coordinate "
-                    "evidence (default)", False, ("bogc", "source_grad_stats"),
-                    _bogc("dempster")))
-register(MethodSpec("bogc_relative", "BOGC, default, each source's noise relative to its "
-                    "own signal (noise=\"relative\")", False, ("bogc", "source_grad_stats"),
-                    _bogc("dempster", noise="relative")))
-register(MethodSpec("bogc_precision", "BOGC, inverse-variance weights (no Dempster step)",
-                    False, ("bogc", "source_grad_stats"), _bogc("precision")))
-register(MethodSpec("bogc_dimension_frame", "BOGC, one Dirichlet opinion per source over "
-                    "a leaf's coordinates, gamma 0.5", False, ("bogc", "source_grad_stats"),
-                    _bogc("dimension_frame", gamma=0.5)))
-register(MethodSpec("bogc_laplace", "BOGC, default, statistics from a diagonal Laplace "
-                    "posterior on each encoder's last layer (8 draws, N = train size)", False,
-                    ("bogc", "laplace_grad_stats"), _bogc_laplace))
-register(MethodSpec("cggm", "CGGM, stable coefficients, gradient-direction term (the "
-                    "paper); classifiers on stop-gradient features", True,
-                    ("cggm", "cggm_direction_loss", "metrics"), _cggm("stable", "gradients")))
-register(MethodSpec("cggm_on_updates", "CGGM as `cggm`, the coefficients scaling the base "
-                    "optimizer's updates (clip -> base -> cggm)", True,
-                    ("cggm", "cggm_direction_loss", "metrics"),
-                    _cggm("stable", "gradients", after_optimizer=True)))
-register(MethodSpec("cggm_reference", "CGGM, the official code's coefficients and "
-                    "weight-direction term", True, ("cggm", "cggm_direction_loss", "metrics"),
-                    _cggm("reference", "weights")))
-register(MethodSpec("ogm_ge", "OGM-GE on the fusion loss (branch confidence "
-                    "discrepancy), Gaussian enhancement", True, ("ogm_ge", "metrics"),
-                    _ogm_ge))
-register(MethodSpec("mmpareto", "MMPareto on fusion + unimodal losses (per-encoder "
-                    "Pareto combination)", False, ("mmpareto", "label_params"), _mmpareto))
+register(
+    MethodSpec(
+        "joint", "fusion loss only (heads trained as stop-gradient monitors)", True, (), _plain
+    )
+)
+register(
+    MethodSpec(
+        "joint_uni",
+        "fusion + unimodal losses, fixed-weight sum (BOGC's baseline)",
+        False,
+        (),
+        _plain,
+    )
+)
+register(
+    MethodSpec(
+        "bogc",
+        "BOGC, reduced Dempster-Shafer fusion of per-coordinate evidence (default)",
+        False,
+        ("bogc", "source_grad_stats"),
+        _bogc("dempster"),
+    )
+)
+register(
+    MethodSpec(
+        "bogc_relative",
+        'BOGC, default, each source\'s noise relative to its own signal (noise="relative")',
+        False,
+        ("bogc", "source_grad_stats"),
+        _bogc("dempster", noise="relative"),
+    )
+)
+register(
+    MethodSpec(
+        "bogc_precision",
+        "BOGC, inverse-variance weights (no Dempster step)",
+        False,
+        ("bogc", "source_grad_stats"),
+        _bogc("precision"),
+    )
+)
+register(
+    MethodSpec(
+        "bogc_dimension_frame",
+        "BOGC, one Dirichlet opinion per source over a leaf's coordinates, gamma 0.5",
+        False,
+        ("bogc", "source_grad_stats"),
+        _bogc("dimension_frame", gamma=0.5),
+    )
+)
+register(
+    MethodSpec(
+        "bogc_laplace",
+        "BOGC, default, statistics from a diagonal Laplace "
+        "posterior on each encoder's last layer (8 draws, N = train size)",
+        False,
+        ("bogc", "laplace_grad_stats"),
+        _bogc_laplace,
+    )
+)
+register(
+    MethodSpec(
+        "cggm",
+        "CGGM, stable coefficients, gradient-direction term (the "
+        "paper); classifiers on stop-gradient features",
+        True,
+        ("cggm", "cggm_direction_loss", "metrics"),
+        _cggm("stable", "gradients"),
+    )
+)
+register(
+    MethodSpec(
+        "cggm_on_updates",
+        "CGGM as `cggm`, the coefficients scaling the base "
+        "optimizer's updates (clip -> base -> cggm)",
+        True,
+        ("cggm", "cggm_direction_loss", "metrics"),
+        _cggm("stable", "gradients", after_optimizer=True),
+    )
+)
+register(
+    MethodSpec(
+        "cggm_reference",
+        "CGGM, the official code's coefficients and weight-direction term",
+        True,
+        ("cggm", "cggm_direction_loss", "metrics"),
+        _cggm("reference", "weights"),
+    )
+)
+register(
+    MethodSpec(
+        "ogm_ge",
+        "OGM-GE on the fusion loss (branch confidence discrepancy), Gaussian enhancement",
+        True,
+        ("ogm_ge", "metrics"),
+        _ogm_ge,
+    )
+)
+register(
+    MethodSpec(
+        "mmpareto",
+        "MMPareto on fusion + unimodal losses (per-encoder Pareto combination)",
+        False,
+        ("mmpareto", "label_params"),
+        _mmpareto,
+    )
+)
 
 
 def available(name: str) -> tuple[bool, str]:
-  """``(True, "")`` or ``(False, reason)`` for a registered method name."""
-  if name not in METHODS:
-    return False, f"unknown method {name!r}; registered: {', '.join(METHODS)}"
-  missing = METHODS[name].missing()
-  if missing:
-    return False, (f"{name} is unavailable: bogc_jax does not provide "
-                   f"{', '.join('bj.' + m for m in missing)} yet")
-  return True, ""
+    """``(True, "")`` or ``(False, reason)`` for a registered method name."""
+    if name not in METHODS:
+        return False, f"unknown method {name!r}; registered: {', '.join(METHODS)}"
+    missing = METHODS[name].missing()
+    if missing:
+        return False, (
+            f"{name} is unavailable: bogc_jax does not provide "
+            f"{', '.join('bj.' + m for m in missing)} yet"
+        )
+    return True, ""
 
 
 def batch_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """``[...]`` accuracy over the last-but-one (batch) axis of ``[..., B, C]`` logits."""
-  return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=-1)
+    """``[...]`` accuracy over the last-but-one (batch) axis of ``[..., B, C]`` logits."""
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=-1)

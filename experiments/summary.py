@@ -21,7 +21,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,84 +32,97 @@ DATASET_ORDER = ("ucimf2", "basicmotions", "utdmhad2", "utdmhad3", "avdigits")
 
 
 def weak_modality(records: list[dict]) -> int:
-  """Index of the modality with the lowest mean branch accuracy under ``joint`` (or,
-  without ``joint`` records, under every method together)."""
-  pool = [r for r in records if r["method"] == "joint"] or records
-  return int(np.argmin(np.mean([r["branch_acc"] for r in pool], axis=0)))
+    """Index of the modality with the lowest mean branch accuracy under ``joint`` (or,
+    without ``joint`` records, under every method together)."""
+    pool = [r for r in records if r["method"] == "joint"] or records
+    return int(np.argmin(np.mean([r["branch_acc"] for r in pool], axis=0)))
 
 
 def summarize(by_dataset: dict[str, list[dict]]) -> str:
-  """The markdown summary of ``{dataset: records}``."""
-  datasets = sorted(by_dataset, key=lambda d: (DATASET_ORDER.index(d)
-                                               if d in DATASET_ORDER else len(DATASET_ORDER), d))
-  weak = {d: weak_modality(by_dataset[d]) for d in datasets}
-  present = {r["method"] for rs in by_dataset.values() for r in rs}
-  methods = [m for m in methods_lib.METHODS if m in present and m != "joint"]
-  methods += sorted(present - set(methods_lib.METHODS) - {"joint"})
-  blocks = []
-  for title, key in (("Δ fused accuracy", None), ("Δ weak modality's branch accuracy",
-                                                  "branch_acc"),
-                     ("Δ weak modality's probe accuracy", "probe_acc")):
-    header = ["method", "vs"] + [
-        d if key is None else f"{d} ({by_dataset[d][0]['modalities'][weak[d]]})"
-        for d in datasets]
-    lines = [f"**{title}** (method − baseline, mean ± std over paired seeds; "
-             "k/n = seeds where the method is higher)\n",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for method in methods:
-      baseline = "joint" if method == "joint_uni" else run_lib.natural_baseline(method)
-      row = [method, baseline]
-      for d in datasets:
-        records = by_dataset[d]
-        pairs = run_lib.pair_runs([r for r in records if r["method"] == method],
-                                  [r for r in records if r["method"] == baseline])
-        if not pairs:
-          row.append("—")
-          continue
-        if key is None:
-          diffs = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
-        else:
-          diffs = [a[key][weak[d]] - b[key][weak[d]] for a, b in pairs]
-        row.append(f"{run_lib.fmt_delta(diffs)} ({sum(x > 0 for x in diffs)}/{len(diffs)})")
-      lines.append("| " + " | ".join(row) + " |")
-    blocks.append("\n".join(lines))
-  return "\n\n".join(blocks) + "\n"
+    """The markdown summary of ``{dataset: records}``."""
+    datasets = sorted(
+        by_dataset,
+        key=lambda d: (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d),
+    )
+    weak = {d: weak_modality(by_dataset[d]) for d in datasets}
+    present = {r["method"] for rs in by_dataset.values() for r in rs}
+    methods = [m for m in methods_lib.METHODS if m in present and m != "joint"]
+    methods += sorted(present - set(methods_lib.METHODS) - {"joint"})
+    blocks = []
+    for title, key in (
+        ("Δ fused accuracy", None),
+        ("Δ weak modality's branch accuracy", "branch_acc"),
+        ("Δ weak modality's probe accuracy", "probe_acc"),
+    ):
+        header = ["method", "vs"] + [
+            d if key is None else f"{d} ({by_dataset[d][0]['modalities'][weak[d]]})"
+            for d in datasets
+        ]
+        lines = [
+            f"**{title}** (method − baseline, mean ± std over paired seeds; "
+            "k/n = seeds where the method is higher)\n",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for method in methods:
+            baseline = "joint" if method == "joint_uni" else run_lib.natural_baseline(method)
+            row = [method, baseline]
+            for d in datasets:
+                records = by_dataset[d]
+                pairs = run_lib.pair_runs(
+                    [r for r in records if r["method"] == method],
+                    [r for r in records if r["method"] == baseline],
+                )
+                if not pairs:
+                    row.append("—")
+                    continue
+                if key is None:
+                    diffs = [a["fused_acc"] - b["fused_acc"] for a, b in pairs]
+                else:
+                    diffs = [a[key][weak[d]] - b[key][weak[d]] for a, b in pairs]
+                row.append(f"{run_lib.fmt_delta(diffs)} ({sum(x > 0 for x in diffs)}/{len(diffs)})")
+            lines.append("| " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
 
 
 def load(results: pathlib.Path, datasets: Sequence[str] | None = None) -> dict[str, list]:
-  """``{dataset: records}`` from ``results/<dataset>.json`` (all of them by default)."""
-  paths = ([results / f"{d}.json" for d in datasets] if datasets
-           else sorted(results.glob("*.json")))
-  out = {}
-  for path in paths:
-    records = json.loads(path.read_text())
-    if isinstance(records, list) and records and "fused_acc" in records[0]:
-      out[records[0]["dataset"]] = records
-  return out
+    """``{dataset: records}`` from ``results/<dataset>.json`` (all of them by default)."""
+    paths = (
+        [results / f"{d}.json" for d in datasets] if datasets else sorted(results.glob("*.json"))
+    )
+    out = {}
+    for path in paths:
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and records and "fused_acc" in records[0]:
+            out[records[0]["dataset"]] = records
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m experiments.summary",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--results", default="results", help="directory of <dataset>.json files")
-  p.add_argument("--datasets", help="comma-separated (default: every results file)")
-  p.add_argument("--out", help="markdown output (default: RESULTS/summary.md)")
-  return p
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.summary", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--results", default="results", help="directory of <dataset>.json files")
+    p.add_argument("--datasets", help="comma-separated (default: every results file)")
+    p.add_argument("--out", help="markdown output (default: RESULTS/summary.md)")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  results = pathlib.Path(args.results)
-  by_dataset = load(results, args.datasets.split(",") if args.datasets else None)
-  if not by_dataset:
-    print(f"no result files in {results}; run `python -m experiments.run` first",
-          file=sys.stderr)
-    return 1
-  table = summarize(by_dataset)
-  pathlib.Path(args.out or results / "summary.md").write_text(table)
-  print(table)
-  return 0
+    args = build_parser().parse_args(argv)
+    results = pathlib.Path(args.results)
+    by_dataset = load(results, args.datasets.split(",") if args.datasets else None)
+    if not by_dataset:
+        print(
+            f"no result files in {results}; run `python -m experiments.run` first", file=sys.stderr
+        )
+        return 1
+    table = summarize(by_dataset)
+    pathlib.Path(args.out or results / "summary.md").write_text(table)
+    print(table)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

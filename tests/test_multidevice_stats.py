@@ -18,43 +18,62 @@ WORKER = pathlib.Path(__file__).with_name("multidevice_stats_worker.py")
 ROOT = WORKER.parent.parent
 
 CHECKS = [
-    "shard_map", "shard_map_chunked", "shard_map_no_check_vma", "shard_map_auto",
-    "jit_sharded", "jit_sharded_chunked", "jit_sharded_auto", "pmap_chunked",
-    "laplace_shard_map", "laplace_shard_map_no_check_vma", "laplace_jit_sharded",
+    "shard_map",
+    "shard_map_chunked",
+    "shard_map_no_check_vma",
+    "shard_map_auto",
+    "jit_sharded",
+    "jit_sharded_chunked",
+    "jit_sharded_auto",
+    "pmap_chunked",
+    "laplace_shard_map",
+    "laplace_shard_map_no_check_vma",
+    "laplace_jit_sharded",
     "laplace_shard_map_auto",
 ]
 
 
 @pytest.fixture(scope="module")
 def verdict():
-  env = dict(os.environ)
-  flag = "--xla_force_host_platform_device_count=8"
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-  proc = subprocess.run([sys.executable, str(WORKER)], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, check=False)
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert lines, f"worker printed no verdict (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
-  result = json.loads(lines[-1])
-  result["returncode"] = proc.returncode
-  result["stderr"] = proc.stderr[-3000:]
-  return result
+    env = dict(os.environ)
+    flag = "--xla_force_host_platform_device_count=8"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(WORKER)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"worker printed no verdict (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+    result = json.loads(lines[-1])
+    result["returncode"] = proc.returncode
+    result["stderr"] = proc.stderr[-3000:]
+    return result
 
 
 def test_worker_sees_eight_devices_and_passes(verdict):
-  assert verdict["device_count"] == 8
-  assert set(verdict["errors"]) | set(verdict["exceptions"]) >= set(CHECKS)
-  assert verdict["returncode"] == 0, verdict["stderr"]
+    assert verdict["device_count"] == 8
+    assert set(verdict["errors"]) | set(verdict["exceptions"]) >= set(CHECKS)
+    assert verdict["returncode"] == 0, verdict["stderr"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_split_batch_equals_single_device(verdict, check):
-  """Statistics, and every aggregation's bogc update from them (property 8)."""
-  assert check not in verdict["exceptions"], verdict["exceptions"][check]
-  tolerance = verdict["tolerance"]
-  errors = {k: v for k, v in verdict["errors"].items()
-            if k == check or k.startswith(check + "/")}
-  assert set(errors) == {check, f"{check}/bogc_in_program", f"{check}/bogc_dempster",
-                         f"{check}/bogc_precision", f"{check}/bogc_dimension_frame"}
-  assert all(v <= tolerance for v in errors.values()), errors
+    """Statistics, and every aggregation's bogc update from them (property 8)."""
+    assert check not in verdict["exceptions"], verdict["exceptions"][check]
+    tolerance = verdict["tolerance"]
+    errors = {k: v for k, v in verdict["errors"].items() if k == check or k.startswith(check + "/")}
+    assert set(errors) == {
+        check,
+        f"{check}/bogc_in_program",
+        f"{check}/bogc_dempster",
+        f"{check}/bogc_precision",
+        f"{check}/bogc_dimension_frame",
+    }
+    assert all(v <= tolerance for v in errors.values()), errors

@@ -9,6 +9,7 @@ RMS weight and the median posterior standard deviation. Once with the batch's ow
 
 usage: PYTHONPATH=. python experiments/analysis/diag_laplace_encoder.py [damping]
 """
+
 import sys
 
 import jax
@@ -28,49 +29,65 @@ is_none = lambda x: x is None
 
 
 def source_weights(stats, grads, params):
-  tx = bj.bogc(num_sources)
-  _, state = tx.update(grads, tx.init(params), params, grad_stats=stats)
-  return state.source_weights
+    tx = bj.bogc(num_sources)
+    _, state = tx.update(grads, tx.init(params), params, grad_stats=stats)
+    return state.source_weights
 
 
 def report(params, when):
-  mask = models.encoder_output_mask(params)
-  exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
-  grads = exact.fixed_weight_grads()
-  w_exact = source_weights(exact, grads, params)
-  for dataset_size in (None, len(dataset.y_train)):
-    lap = bj.laplace_grad_stats(trainer.fn.losses, params, batch, jax.random.key(0),
-                                mask=mask, damping=damping, dataset_size=dataset_size,
-                                method="vmap")
-    w_lap = source_weights(lap, grads, params)
-    scale = (dataset_size or exact.count) / exact.count
-    print(f"--- {when}, Fisher of N = {dataset_size or 'the batch'}, damping {damping}")
-    leaves = zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params),
-                 jax.tree.leaves(exact.mean), jax.tree.leaves(exact.var),
-                 jax.tree.leaves(lap.mean, is_leaf=is_none),
-                 jax.tree.leaves(lap.var, is_leaf=is_none),
-                 jax.tree.leaves(w_exact), jax.tree.leaves(w_lap))
-    for (path, on), weight, me, ve, ml, vl, we, wl in leaves:
-      if not on:
-        continue
-      name = jax.tree_util.keystr(path)
-      n = exact.count
-      fisher = scale * ((n - 1) * ve + n * me**2)
-      posterior_std = 1 / jnp.sqrt(jnp.max(fisher, axis=0) + damping)
-      print(f"{name:34s} rms weight {float(jnp.sqrt(jnp.mean(weight**2))):.3f}, median "
-            f"posterior std {float(jnp.median(posterior_std)):.3f}")
-      for s in range(num_sources):
-        if float(jnp.max(jnp.abs(me[s]))) == 0:
-          continue
-        rel = float(jnp.linalg.norm(ml[s] - me[s]) / jnp.linalg.norm(me[s]))
-        ratio = float(jnp.median(vl[s] / jnp.maximum(ve[s] / n, 1e-30)))
-        print(f"  source {s}: |mean_lap - g| / |g| = {rel:7.3f}, median var_lap / (var / n) "
-              f"= {ratio:9.3g}, bogc weight: per-sample {float(we[s]):.2f}, "
-              f"laplace {float(wl[s]):.2f}")
+    mask = models.encoder_output_mask(params)
+    exact = bj.source_grad_stats(trainer.fn.losses, params, batch, method="vmap")
+    grads = exact.fixed_weight_grads()
+    w_exact = source_weights(exact, grads, params)
+    for dataset_size in (None, len(dataset.y_train)):
+        lap = bj.laplace_grad_stats(
+            trainer.fn.losses,
+            params,
+            batch,
+            jax.random.key(0),
+            mask=mask,
+            damping=damping,
+            dataset_size=dataset_size,
+            method="vmap",
+        )
+        w_lap = source_weights(lap, grads, params)
+        scale = (dataset_size or exact.count) / exact.count
+        print(f"--- {when}, Fisher of N = {dataset_size or 'the batch'}, damping {damping}")
+        leaves = zip(
+            jax.tree_util.tree_leaves_with_path(mask),
+            jax.tree.leaves(params),
+            jax.tree.leaves(exact.mean),
+            jax.tree.leaves(exact.var),
+            jax.tree.leaves(lap.mean, is_leaf=is_none),
+            jax.tree.leaves(lap.var, is_leaf=is_none),
+            jax.tree.leaves(w_exact),
+            jax.tree.leaves(w_lap),
+        )
+        for (path, on), weight, me, ve, ml, vl, we, wl in leaves:
+            if not on:
+                continue
+            name = jax.tree_util.keystr(path)
+            n = exact.count
+            fisher = scale * ((n - 1) * ve + n * me**2)
+            posterior_std = 1 / jnp.sqrt(jnp.max(fisher, axis=0) + damping)
+            print(
+                f"{name:34s} rms weight {float(jnp.sqrt(jnp.mean(weight**2))):.3f}, median "
+                f"posterior std {float(jnp.median(posterior_std)):.3f}"
+            )
+            for s in range(num_sources):
+                if float(jnp.max(jnp.abs(me[s]))) == 0:
+                    continue
+                rel = float(jnp.linalg.norm(ml[s] - me[s]) / jnp.linalg.norm(me[s]))
+                ratio = float(jnp.median(vl[s] / jnp.maximum(ve[s] / n, 1e-30)))
+                print(
+                    f"  source {s}: |mean_lap - g| / |g| = {rel:7.3f}, median var_lap / (var / n) "
+                    f"= {ratio:9.3g}, bogc weight: per-sample {float(we[s]):.2f}, "
+                    f"laplace {float(wl[s]):.2f}"
+                )
 
 
 _, initial = run_lib.make_model(dataset, trainer.cfg, 0)
 report(initial, "init")
 for epoch, params, _, _ in trainer.epochs(seed=0):
-  pass
+    pass
 report(params, f"epoch {epoch}")

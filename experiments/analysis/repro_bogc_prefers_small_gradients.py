@@ -12,20 +12,31 @@ sum. Output: relative source weights (1 = plain sum).
 
 Run: PYTHONPATH=. python experiments/analysis/repro_bogc_prefers_small_gradients.py
 """
-import jax, jax.numpy as jnp
+
+import jax
+import jax.numpy as jnp
+
 import bogc_jax as bj
 
 n, d = 32, 100
-g = 1.0 + jax.random.normal(jax.random.key(0), (2, n, d))   # per-example gradients, SNR 1
+g = 1.0 + jax.random.normal(jax.random.key(0), (2, n, d))  # per-example gradients, SNR 1
 for c in (1.0, 0.3, 0.1, 0.01):
-  per_example = g * jnp.array([c, 1.0])[:, None, None]
-  stats = bj.GradStats(jnp.asarray(n, jnp.float32), {"w": per_example.mean(1)},
-                       {"w": per_example.var(1, ddof=1)})
-  for agg, noise in (("dempster", "absolute"), ("precision", "absolute"),
-                     ("dempster", "relative")):
-    tx = bj.bogc(2, aggregation=agg, noise=noise)
-    upd, st = tx.update(stats.fixed_weight_grads(), tx.init({"w": jnp.zeros(d)}), grad_stats=stats)
-    w = [round(float(x), 3) for x in st.source_weights["w"]]
-    share1 = float(jnp.mean(upd["w"]) / jnp.mean(stats.mean["w"][1]))
-    print(f"scale of source 0 c={c:<5} {agg:9s} {noise:8s}: relative weights [src0, src1] = {w}; "
-          f"update / mean grad of src1 = {share1:.3f} (plain sum: {1 + c:.3f})")
+    per_example = g * jnp.array([c, 1.0])[:, None, None]
+    stats = bj.GradStats(
+        jnp.asarray(n, jnp.float32), {"w": per_example.mean(1)}, {"w": per_example.var(1, ddof=1)}
+    )
+    for agg, noise in (
+        ("dempster", "absolute"),
+        ("precision", "absolute"),
+        ("dempster", "relative"),
+    ):
+        tx = bj.bogc(2, aggregation=agg, noise=noise)
+        upd, st = tx.update(
+            stats.fixed_weight_grads(), tx.init({"w": jnp.zeros(d)}), grad_stats=stats
+        )
+        w = [round(float(x), 3) for x in st.source_weights["w"]]
+        share1 = float(jnp.mean(upd["w"]) / jnp.mean(stats.mean["w"][1]))
+        print(
+            f"scale of source 0 c={c:<5} {agg:9s} {noise:8s}: relative weights [src0, src1] = {w}; "
+            f"update / mean grad of src1 = {share1:.3f} (plain sum: {1 + c:.3f})"
+        )
