@@ -161,3 +161,33 @@ def test_page_code_runs(page, title, blocks, monkeypatch):
     for line, code in blocks:
         # Pad with newlines so that a traceback names the page's own line numbers.
         exec(compile("\n" * (line - 1) + code, os.path.join("docs", page), "exec"), namespace)
+
+
+# Pages that another part of the project adds; the README links them already.
+PAGES_ADDED_ELSEWHERE = {"docs/representation.md"}
+
+
+def test_readme_is_short_starts_with_the_two_commands_and_links_what_exists():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 250
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", readme, re.S | re.M)
+    (main_lang, main_job), (test_lang, test_command) = blocks[:2]
+    assert main_lang == test_lang == "bash"
+    assert "python -m experiments.run" in main_job
+    assert "python -m pytest" in test_command and "-n 2" in test_command
+    assert not re.search(
+        r"^#+ ", readme.split("```")[0].split("\n", 1)[1], re.M
+    )  # no section before
+    links = re.findall(r"\]\(([^)#]+)\)", readme)
+    local = [link for link in links if not re.match(r"https?://", link)]
+    assert "docs/flax.md" in local and "docs/results.md" in local
+    missing = [
+        link
+        for link in local
+        if link not in PAGES_ADDED_ELSEWHERE and not os.path.exists(os.path.join(ROOT, link))
+    ]
+    assert not missing, f"README.md links to missing files: {missing}"
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert "n==2" in ci and 'bash -euo pipefail -c "$test_block"' in ci
