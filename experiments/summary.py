@@ -92,13 +92,21 @@ def summarize(by_dataset: dict[str, list[dict]]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def load(results: pathlib.Path, datasets: Sequence[str] | None = None) -> dict[str, list]:
-    """``{dataset: records}`` from ``results/<dataset>.json`` (all of them by default)."""
+def load(
+    results: pathlib.Path,
+    datasets: Sequence[str] | None = None,
+    extra: Sequence[pathlib.Path] = (),
+) -> dict[str, list]:
+    """``{dataset: records}`` from ``results/<dataset>.json`` (all of them by default) and
+    the record files ``extra``; a named dataset without a file is left out, with a note."""
     paths = (
         [results / f"{d}.json" for d in datasets] if datasets else sorted(results.glob("*.json"))
     )
     out = {}
-    for path in paths:
+    for path in [*paths, *map(pathlib.Path, extra)]:
+        if not path.exists():
+            print(f"[note] {path} does not exist; left out of the summary", file=sys.stderr)
+            continue
         records = json.loads(path.read_text())
         if isinstance(records, list) and records and "fused_acc" in records[0]:
             out[records[0]["dataset"]] = records
@@ -111,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--results", default="results", help="directory of <dataset>.json files")
     p.add_argument("--datasets", help="comma-separated (default: every results file)")
+    p.add_argument(
+        "--extra-results",
+        help="comma-separated record files (<dataset>.json) from elsewhere to include",
+    )
     p.add_argument("--out", help="markdown output (default: RESULTS/summary.md)")
     p.add_argument(
         "--correlation-plot",
@@ -128,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = pathlib.Path(args.results)
-    by_dataset = load(results, args.datasets.split(",") if args.datasets else None)
+    by_dataset = load(
+        results,
+        args.datasets.split(",") if args.datasets else None,
+        args.extra_results.split(",") if args.extra_results else (),
+    )
     if not by_dataset:
         print(
             f"no result files in {results}; run `python -m experiments.run` first", file=sys.stderr

@@ -448,7 +448,12 @@ def test_paired_table_differences_against_the_natural_baseline():
         assert cells[4] == f"{int(np.sum(d[:, 0] > 0))}/4"
         assert cells[8] == f"{d[:, 4].mean():+.3f} ± {d[:, 4].std(ddof=1):.3f}"
     assert not any(line.startswith(("| joint |", "| joint_uni |")) for line in table.splitlines())
-    assert report.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"]) == ""
+    assert "`bogc`: no `joint_uni` run on seeds 9 (paired on 4 other seeds)" in table
+    alone = report.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"])
+    assert "Not paired" in alone and "`bogc`: no `joint_uni` run on seeds 0,1,2,3,9;" in alone
+    assert "| bogc |" not in alone
+    only_baselines = [r for r in records if r["method"] in ("joint", "joint_uni")]
+    assert report.paired_table(only_baselines, ["joint", "joint_uni"]) == ""
 
 
 def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch):
@@ -638,18 +643,31 @@ def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
         }[module]()
         args = parser.parse_args(argv)  # exits (fails the test) on an unknown flag
         if module != "experiments.summary":
-            assert args.dataset in data_lib.DATASETS
+            assert data_lib.is_dataset(args.dataset), args.dataset
         if module == "experiments.run":
             names = list(methods_lib.METHODS) if args.methods == "all" else args.methods.split(",")
             assert set(names) <= set(methods_lib.METHODS), names
-            if args.out == "results" and args.optimizer == "adam":
+            cfg = run_lib.config_from_args(args, args.dataset)  # a valid configuration
+            if args.out == "results" and cfg.optimizer == "adam":
                 main_grid.setdefault(args.dataset, set()).update(names)
-    # The main table covers every registered method on each of the five datasets.
-    assert set(main_grid) == {"utdmhad2", "utdmhad3", "ucimf2", "basicmotions", "avdigits"}
+    # The main table covers every registered method on each of the six datasets.
+    assert set(main_grid) == {
+        "utdmhad2",
+        "utdmhad3",
+        "ucimf2",
+        "basicmotions",
+        "avdigits",
+        "cgmnist",
+    }
     assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
     # The parts can be run alone; nothing runs when DRY_RUN is set.
     assert len(_reproduce_commands("sgd")) == 4
     assert _reproduce_commands("nothing") == []
+    # The cgmnist part: every method, then the dial's datasets and its correlation plot.
+    cgmnist = _reproduce_commands("cgmnist")
+    dial = [c for c in cgmnist if "results/cgmnist_dial" in c and c[2] == "experiments.run"]
+    assert [c[c.index("--dataset") + 1] for c in dial] == ["cgmnist90", "cgmnist80", "cgmnist70"]
+    assert any("--correlation-plot" in c for c in cgmnist)
 
 
 def test_summary_pairs_seeds_and_picks_the_least_used_modality(tmp_path):
@@ -845,31 +863,35 @@ def test_cli_parses_every_seed_form():
 # --------------------------------------------------------------------------- training step
 
 
-@pytest.mark.parametrize("name", ["bogc", "mmpareto"])
-def test_statistics_methods_take_the_gradient_from_the_statistics(name):
-    """One step with ``grad_stats.fixed_weight_grads()`` equals the step with a second
-    backward pass, to float rounding."""
+def test_statistics_methods_take_the_gradient_from_the_statistics():
+    """The step with ``grad_stats.fixed_weight_grads()`` equals the step with a second
+    backward pass, to float rounding; the statistics methods take that path."""
     d = _toy_dataset()
     cfg = config_lib.TrainConfig(
         epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
     )
-    trainer = train_lib.Trainer(d, name, cfg)
-    assert trainer.parts.grads_from_stats
+    for name, from_stats in (("bogc", True), ("mmpareto", True), ("joint_uni", False)):
+        assert train_lib.Trainer(d, name, cfg).parts.grads_from_stats is from_stats, name
+    draws = dataclasses.replace(cfg, laplace_center="draws")
+    assert train_lib.Trainer(d, "bogc_laplace", cfg).parts.grads_from_stats
+    assert not train_lib.Trainer(d, "bogc_laplace", draws).parts.grads_from_stats
+    trainer = train_lib.Trainer(d, "joint_uni", cfg)
     _, params = train_lib.make_model(d, cfg, 3)
-    state = trainer.init_state(params, 3)
+    ctx = methods_lib.Context(2, trainer.fn, params, optax.sgd(0.1), cfg)
     batch = (tuple(jnp.asarray(x[:8]) for x in d.x_train), jnp.asarray(d.y_train[:8]))
-    key = jax.random.key(0)
-    from_stats = jax.jit(trainer._default_step)(params, state, batch, key)
-    trainer.parts = dataclasses.replace(trainer.parts, grads_from_stats=False)
-    backward = jax.jit(trainer._default_step)(params, state, batch, key)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), from_stats[0], params)
-    assert max(jax.tree.leaves(moved)) > 0  # the step moved the parameters
-    for a, b in zip(jax.tree.leaves(from_stats), jax.tree.leaves(backward)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="grads_from_stats"):
-        methods_lib.MethodParts(
-            tx=trainer.parts.tx, grads_from_stats=True, extra_loss=lambda *a: 0.0
+    steps = []
+    for flag in (True, False):
+        trainer.parts = methods_lib.MethodParts(
+            tx=ctx.base, extra_args=methods_lib._grad_stats_args(ctx), grads_from_stats=flag
         )
+        state = trainer.init_state(params, 0)
+        steps.append(jax.jit(trainer._default_step)(params, state, batch, jax.random.key(0)))
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), steps[0][0], params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the step moved the parameters
+    for a, b in zip(jax.tree.leaves(steps[0]), jax.tree.leaves(steps[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="grads_from_stats"):
+        methods_lib.MethodParts(tx=ctx.base, grads_from_stats=True, extra_loss=lambda *a: 0.0)
 
 
 def _representation_step(ctx: methods_lib.Context) -> methods_lib.MethodParts:
