@@ -78,13 +78,23 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def train_table(records: list[dict], order: Sequence[str]) -> str:
-    """Fused and branch accuracy on the training split after training, mean ± std over
-    seeds ("" when the records predate these keys). Set against the test columns it shows
-    what a method learned that does not transfer (a shortcut)."""
+    """Fused, branch, auxiliary-head and missing-modality accuracy on the training split
+    after training, mean ± std over seeds ("" when the records predate these keys). Set
+    against the test columns it shows what a method learned that does not transfer (a
+    shortcut)."""
+    keys = [
+        (key, label)
+        for key, label in (
+            ("train_branch_acc", "train branch"),
+            ("train_head_acc", "train head"),
+            ("train_missing_acc", "train fused w/o"),
+        )
+        if all(key in r for r in records)
+    ]
     if not all("train_fused_acc" in r for r in records):
         return ""
     mods = records[0]["modalities"]
-    header = ["method", "train fused"] + [f"train branch {m}" for m in mods]
+    header = ["method", "train fused"] + [f"{label} {m}" for _, label in keys for m in mods]
     lines = [
         "\nTraining split, after the last epoch:\n",
         "| " + " | ".join(header) + " |",
@@ -93,7 +103,8 @@ def train_table(records: list[dict], order: Sequence[str]) -> str:
     for method in order:
         rs = [r for r in records if r["method"] == method]
         row = [method, fmt_mean_std([r["train_fused_acc"] for r in rs])]
-        row += [fmt_mean_std([r["train_branch_acc"][i] for r in rs]) for i in range(len(mods))]
+        for key, _ in keys:
+            row += [fmt_mean_std([r[key][i] for r in rs]) for i in range(len(mods))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -16,8 +16,9 @@ from ``default_rng(seed + 1_000_003)``, and step ``t`` gets the PRNG key
 ``fold_in(key(seed), t)``. After training, the test split gives the fused accuracy, each
 modality's branch accuracy (its slice of the fusion head), the linear-probe accuracy of
 each frozen encoder (:func:`ridge_probe`), the fused accuracy with each modality's input
-zeroed, and the auxiliary heads' accuracies; the train split gives the fused and branch
-accuracies (how much a shortcut is used in training). :func:`run_experiment` turns that
+zeroed, and the auxiliary heads' accuracies; the train split gives the fused, branch, head and
+missing-modality accuracies (set against the test split's, how much of what was learned
+is a shortcut). :func:`run_experiment` turns that
 into one record per (method, seed).
 """
 
@@ -128,16 +129,19 @@ class Trainer:
         return params, opt_state, jnp.mean(jnp.stack(losses), axis=0)
 
     def _eval_logits(self, params, xs):
+        """``fused [B, C]``, ``branch [B, M, C]``, ``heads [B, M, C]``: batch first, so
+        that chunks concatenate along the first axis."""
         out = self.fn.apply(params, xs)
-        return out["fused"], out["branch"], out["heads"]
+        return out["fused"], jnp.swapaxes(out["branch"], 0, 1), jnp.swapaxes(out["heads"], 0, 1)
 
     def evaluate(self, params, xs, y) -> dict:
         """Fused, branch and head accuracies on ``(xs, y)`` (numpy arrays)."""
         fused, branch, heads = self._batched(lambda x: self.eval_logits(params, x), xs)
+        y = np.asarray(y)
         return {
             "fused_acc": float(np.mean(fused.argmax(-1) == y)),
-            "branch_acc": [float(a) for a in np.mean(branch.argmax(-1) == y, axis=1)],
-            "head_acc": [float(a) for a in np.mean(heads.argmax(-1) == y, axis=1)],
+            "branch_acc": [float(a) for a in np.mean(branch.argmax(-1) == y[:, None], axis=0)],
+            "head_acc": [float(a) for a in np.mean(heads.argmax(-1) == y[:, None], axis=0)],
         }
 
     def missing_accuracy(self, params, xs, y) -> list[float]:
@@ -249,6 +253,8 @@ class Trainer:
             "head_acc": final["head_acc"],
             "train_fused_acc": on_train["fused_acc"],
             "train_branch_acc": on_train["branch_acc"],
+            "train_head_acc": on_train["head_acc"],
+            "train_missing_acc": self.missing_accuracy(params, d.x_train, d.y_train),
             "train_time_s": train_time,
             "epoch_time_s": float(
                 np.median(epoch_times[1:] if len(epoch_times) > 1 else epoch_times)
@@ -295,6 +301,8 @@ RESULT_KEYS = (
     "head_acc",
     "train_fused_acc",
     "train_branch_acc",
+    "train_head_acc",
+    "train_missing_acc",
 )
 
 

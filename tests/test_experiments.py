@@ -579,6 +579,8 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
             "missing_acc",
             "train_fused_acc",
             "train_branch_acc",
+            "train_head_acc",
+            "train_missing_acc",
         } <= set(r)
         assert r["dataset"] == "toy" and len(r["missing_acc"]) == 2
         assert len(r["train_branch_acc"]) == 2 and 0 <= r["train_fused_acc"] <= 1
@@ -589,6 +591,10 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
         )
     table = (out / "toy.md").read_text()
     assert "| joint_uni | 2 |" in table and "±" in table and table in captured.out
+    assert (
+        "| method | train fused | train branch a | train branch b | train head a | train head b"
+        " | train fused w/o a | train fused w/o b |" in table
+    )
     assert (out / "toy_curves.png").stat().st_size > 1000
     # --rebuild re-renders the table from the records alone.
     (out / "toy.md").unlink()
@@ -978,3 +984,17 @@ def test_correlation_curves_table_and_plot(tmp_path):
     argv = ["--results", str(tmp_path), "--correlation-plot", str(plot)]
     assert summary.main(argv + ["--correlation-methods", "joint,cggm"]) == 0
     assert plot.stat().st_size > 1000 and "cggm" in plot.with_suffix(".md").read_text()
+
+
+def test_evaluation_over_several_chunks_matches_one_pass():
+    d = _toy_dataset(num_train=2100, num_test=8, seed=5)  # more than one 2048-example chunk
+    cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, encoder="mlp")
+    trainer = train_lib.Trainer(d, "joint", cfg)
+    _, params = train_lib.make_model(d, cfg, 1)
+    got = trainer.evaluate(params, d.x_train, d.y_train)
+    out = jax.jit(trainer.fn.apply)(params, tuple(jnp.asarray(x) for x in d.x_train))
+    y = d.y_train
+    assert got["fused_acc"] == pytest.approx(float(np.mean(np.argmax(out["fused"], -1) == y)))
+    for key, logits in (("branch_acc", out["branch"]), ("head_acc", out["heads"])):
+        want = np.mean(np.argmax(logits, -1) == y, axis=1)
+        np.testing.assert_allclose(got[key], want, rtol=1e-6)
