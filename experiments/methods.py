@@ -80,7 +80,8 @@ class MethodParts:
       grads_from_stats: the gradient handed to ``tx.update`` is
         ``extra_args(...)["grad_stats"].fixed_weight_grads()`` (the gradient of the summed
         losses, which the statistics already hold) instead of a second backward pass. Only
-        for methods whose statistics' means are the batch gradients and that add no
+        for methods whose statistics hold the batch gradient of every leaf (not the
+        Laplace reading's, which covers the encoders' last layers) and that add no
         ``extra_loss``.
       step: optional ``(params, opt_state, batch, key) -> (params, opt_state, losses)``
         replacing the default step (``losses``: ``[S]`` batch-mean training losses, fusion
@@ -208,8 +209,9 @@ def _bogc_laplace(ctx: Context) -> MethodParts:
         )
         return {"grad_stats": stats}
 
-    # With center="batch" the means are the batch gradients; "draws" moves them.
-    return MethodParts(tx=tx, extra_args=extra_args, grads_from_stats=cfg.laplace_center == "batch")
+    # The statistics cover the masked leaves only (None elsewhere), so the gradient of
+    # every leaf comes from the backward pass.
+    return MethodParts(tx=tx, extra_args=extra_args)
 
 
 def _output_kernels(params, num_modalities: int):
