@@ -10,4 +10,15 @@ from bogc_jax.labels import label_params
 from bogc_jax.laplace import laplace_grad_stats
 from bogc_jax.stats import GradStats, merge_grad_stats, source_grad_stats
 
+from bogc_jax import head_posterior, representation_moments, representation_weights
+from bogc_jax.representation import (
+    HeadState,
+    RepresentationCalibration,
+    RepresentationInfo,
+    RepresentationState,
+    representation_bogc,
+)
+from bogc_jax.bayesagg import bayesagg_mtl
+from bogc_jax.representation_heads import LinearHead
+
 __version__ = "0.1.0"

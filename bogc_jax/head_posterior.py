@@ -367,7 +367,7 @@ def draws_from_noise(loss: str, form: str, posterior: HeadPosterior, chol: Array
         return mean + u.T.reshape(z.shape)
     if loss == "sigmoid":
         solve = lambda c, b: linalg.solve_triangular(c, b, lower=True, trans="T")
-        u = jax.vmap(solve, in_axes=(0, 1), out_axes=1)(chol, jnp.moveaxis(z, 0, -1))
+        u = jax.vmap(solve)(chol, jnp.moveaxis(z, 0, -1))  # [K, D, S]
         return mean + jnp.moveaxis(u, -1, 0)
     flat = z.reshape(z.shape[0], -1).T
     u = linalg.solve_triangular(chol, flat, lower=True, trans="T")
