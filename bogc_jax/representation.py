@@ -328,6 +328,8 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
             finite,
             state.nonfinite_count + (~finite).astype(jnp.int32),
         )
+        if cfg.axis_name is not None:  # per-example means: the same shard sizes everywhere
+            weights, uncertainty = jax.lax.pmean((weights, uncertainty), cfg.axis_name)
         info = RepresentationInfo(jnp.stack(losses).astype(jnp.float32), weights, uncertainty)
         return grads, new_state, info
 
