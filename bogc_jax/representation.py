@@ -254,7 +254,8 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
 
     def grads_fn(params, state: RepresentationState, batch, *, key=None, targets=None, **extra):
         del extra
-        if cfg.moments == "monte_carlo" and key is None and cfg.aggregation != "sum":
+        sampled = any(h.loss != "mse" for h in cfg.heads)
+        if cfg.moments == "monte_carlo" and key is None and cfg.aggregation != "sum" and sampled:
             raise ValueError(
                 "grads: moments='monte_carlo' needs key= (a PRNG key; the same on every device)."
             )
@@ -266,8 +267,8 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
         reps, encoder_vjp = jax.vjp(lambda p: _as_tuple(encode_fn(p, batch)), params)
         head_params, head_vjp = jax.vjp(lambda p: _head_params(head_params_fn, p, num_heads), params)
         batch_size = reps[0].shape[0]
-        total = _psum(jnp.asarray(batch_size, jnp.float32), cfg.axis_name)
         compute = [jax.lax.stop_gradient(r).astype(jnp.promote_types(r.dtype, jnp.float32)) for r in reps]
+        total = _psum(jnp.asarray(batch_size, compute[0].dtype), cfg.axis_name)
         refresh_now = jnp.asarray(False)
         if cfg.full_data == "epoch":
             refresh_now = (state.step > 0) & (state.step % cfg.refresh_every == 0)
