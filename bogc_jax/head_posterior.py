@@ -217,7 +217,14 @@ def isotropic_prior(
 
 
 def precision_matvec(loss: str, form: str, precision: Array, v: Array) -> Array:
-    """``Lambda vec(v)`` reshaped like ``v`` (``[K, D]``)."""
+    """``Lambda vec(v)`` reshaped like ``v`` (``[K, D]``).
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> p = bj.head_posterior.isotropic_prior("sigmoid", "full", 2, 3, 0.5)
+      >>> bj.head_posterior.precision_matvec("sigmoid", "full", p.precision, jnp.ones((2, 3))).tolist()
+      [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
     if form == "diag":
         return precision * v
     if loss == "mse":
@@ -228,14 +235,30 @@ def precision_matvec(loss: str, form: str, precision: Array, v: Array) -> Array:
 
 
 def precision_cholesky(loss: str, form: str, precision: Array) -> Array:
-    """The lower Cholesky factor ``L`` (``Lambda = L L^T``) in the form; ``sqrt`` if diagonal."""
+    """The lower Cholesky factor ``L`` (``Lambda = L L^T``) in the form; ``sqrt`` if diagonal.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> p = bj.head_posterior.isotropic_prior("mse", "full", 2, 3, 0.25)
+      >>> bj.head_posterior.precision_cholesky("mse", "full", p.precision).diagonal().tolist()
+      [2.0, 2.0, 2.0]
+    """
     if form == "diag":
         return jnp.sqrt(precision)
     return jnp.linalg.cholesky(precision)
 
 
 def precision_solve(loss: str, form: str, chol: Array, v: Array) -> Array:
-    """``Lambda^-1 vec(v)`` reshaped like ``v``, from :func:`precision_cholesky`."""
+    """``Lambda^-1 vec(v)`` reshaped like ``v``, from :func:`precision_cholesky`.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> hp = bj.head_posterior
+      >>> p = hp.isotropic_prior("softmax", "full", 2, 2, 0.5)
+      >>> chol = hp.precision_cholesky("softmax", "full", p.precision)
+      >>> hp.precision_solve("softmax", "full", chol, jnp.ones((2, 2))).tolist()
+      [[0.5, 0.5], [0.5, 0.5]]
+    """
     if form == "diag":
         return v / jnp.square(chol)
     if loss == "mse":
@@ -356,6 +379,14 @@ def draws_from_noise(loss: str, form: str, posterior: HeadPosterior, chol: Array
 
     ``L`` is :func:`precision_cholesky`'s factor, so the draws have covariance
     ``Lambda^-1``.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> hp = bj.head_posterior
+      >>> p = hp.isotropic_prior("softmax", "diag", 2, 3, 4.0)
+      >>> chol = hp.precision_cholesky("softmax", "diag", p.precision)
+      >>> hp.draws_from_noise("softmax", "diag", p, chol, jnp.ones((1, 2, 3))).tolist()
+      [[[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]]
     """
     mean = posterior.mean
     if form == "diag":

@@ -57,11 +57,6 @@ class GradMoments(NamedTuple):
     var: Array
 
 
-def num_slots(loss: str, num_outputs: int, split_outputs: bool) -> int:
-    """Slots of a head: 1 for ``"softmax"``, ``K`` for split multi-output heads, else 1."""
-    return num_outputs if (loss != "softmax" and split_outputs) else 1
-
-
 def _split(theta: Array, loss: str) -> tuple[Array, Array | None]:
     if loss == "mse":
         return theta, None
