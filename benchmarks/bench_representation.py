@@ -61,7 +61,10 @@ def build(size, seed=0):
     )
     num = len(size["inputs"])
     params = {
-        "enc": [[dense(i, size["hidden"]), dense(size["hidden"], size["feature"])] for i in size["inputs"]],
+        "enc": [
+            [dense(i, size["hidden"]), dense(size["hidden"], size["feature"])]
+            for i in size["inputs"]
+        ],
         "fusion": dense(num * size["feature"], size["classes"]),
         "uni": [dense(size["feature"], size["classes"]) for _ in range(num)],
     }
@@ -86,7 +89,9 @@ def build(size, seed=0):
         return total
 
     batch = {
-        "x": [jnp.asarray(rng.normal(size=(size["batch"], i)), jnp.float32) for i in size["inputs"]],
+        "x": [
+            jnp.asarray(rng.normal(size=(size["batch"], i)), jnp.float32) for i in size["inputs"]
+        ],
         "y": jnp.asarray(rng.integers(0, size["classes"], size["batch"]), jnp.int32),
     }
     return params, encode, head_params, heads, joint_loss, batch
@@ -147,7 +152,10 @@ def measure(size, repeats, quick):
         exe = lowered.compile()
         mem = exe.memory_analysis()
         compiled[name] = (exe, state)
-        rows[name] = {"temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None, "times": []}
+        rows[name] = {
+            "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)) if mem else None,
+            "times": [],
+        }
         jax.block_until_ready(exe(params, opt_state, state, batch, key))  # warm up
     for _ in range(repeats):
         for name, (exe, state) in compiled.items():
@@ -179,7 +187,9 @@ def main(argv=None):
     for model, res in results.items():
         for name, row in res["steps"].items():
             temp = "-" if row["temp_bytes"] is None else f"{row['temp_bytes'] / 2**20:.1f}"
-            print(f"{model:<11} {name:<32} {row['median_ms']:9.2f} {row['ratio_to_joint_uni']:8.2f} {temp:>9}")
+            print(
+                f"{model:<11} {name:<32} {row['median_ms']:9.2f} {row['ratio_to_joint_uni']:8.2f} {temp:>9}"
+            )
     record = {
         "benchmark": "bench_representation",
         "quick": args.quick,
@@ -194,7 +204,9 @@ def main(argv=None):
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out_dir, f"bench-representation-{'quick-' if args.quick else ''}{stamp}.json")
+    path = os.path.join(
+        out_dir, f"bench-representation-{'quick-' if args.quick else ''}{stamp}.json"
+    )
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print("wrote", path)

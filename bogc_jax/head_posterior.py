@@ -76,12 +76,12 @@ class CurvatureStats(NamedTuple):
     Attributes:
       ggn: the GGN ``sum_n G_n (x) x_n x_n^T`` in the precision's form.
       grad: ``[K, D]`` the summed negative log-likelihood gradient ``sum_n r_n x_n^T``.
-      count: ``[]`` the number of examples.
+      num_examples: ``[]`` the number of examples.
     """
 
     ggn: Array
     grad: Array
-    count: Array
+    num_examples: Array
 
 
 def _check(loss: str, form: str) -> None:
@@ -155,7 +155,7 @@ def curvature_stats(
       >>> h = jax.random.normal(jax.random.key(0), (8, 3))
       >>> s = bj.head_posterior.curvature_stats("softmax", "full", jnp.zeros((4, 4)), h,
       ...                                        jnp.arange(8) % 4)
-      >>> s.ggn.shape, s.grad.shape, int(s.count)
+      >>> s.ggn.shape, s.grad.shape, int(s.num_examples)
       ((16, 16), (4, 4), 8)
     """
     _check(loss, form)
@@ -205,7 +205,9 @@ def isotropic_prior(
     if loss == "mse":
         return HeadPosterior(mean, lam * jnp.eye(dim, dtype=dtype))
     if loss == "sigmoid":
-        return HeadPosterior(mean, jnp.broadcast_to(lam * jnp.eye(dim, dtype=dtype), (num_outputs, dim, dim)))
+        return HeadPosterior(
+            mean, jnp.broadcast_to(lam * jnp.eye(dim, dtype=dtype), (num_outputs, dim, dim))
+        )
     size = num_outputs * dim
     if size > MAX_FULL_SOFTMAX_PARAMS:
         raise ValueError(
@@ -256,7 +258,8 @@ def precision_solve(loss: str, form: str, chol: Array, v: Array) -> Array:
       >>> hp = bj.head_posterior
       >>> p = hp.isotropic_prior("softmax", "full", 2, 2, 0.5)
       >>> chol = hp.precision_cholesky("softmax", "full", p.precision)
-      >>> hp.precision_solve("softmax", "full", chol, jnp.ones((2, 2))).tolist()
+      >>> x = hp.precision_solve("softmax", "full", chol, jnp.ones((2, 2)))
+      >>> [[round(v, 4) for v in row] for row in x.tolist()]
       [[0.5, 0.5], [0.5, 0.5]]
     """
     if form == "diag":
@@ -374,7 +377,9 @@ def covariance(loss: str, form: str, posterior: HeadPosterior) -> Array:
     return jnp.einsum("ckl,ce->ckel", blocks, eye).reshape(num_out * dim, num_out * dim)
 
 
-def draws_from_noise(loss: str, form: str, posterior: HeadPosterior, chol: Array, z: Array) -> Array:
+def draws_from_noise(
+    loss: str, form: str, posterior: HeadPosterior, chol: Array, z: Array
+) -> Array:
     """Posterior draws ``mean + L^-T z`` from standard normal ``z`` (``[S, K, D]``).
 
     ``L`` is :func:`precision_cholesky`'s factor, so the draws have covariance

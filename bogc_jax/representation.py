@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from bogc_jax import head_posterior as hp
 from bogc_jax import representation_heads as rh
 from bogc_jax import representation_moments as rm
+from bogc_jax import representation_state as rs
 from bogc_jax import representation_weights as rw
+from bogc_jax.representation_state import HeadState, RepresentationState
 
 Array = jax.Array
 PyTree = Any
@@ -39,42 +41,6 @@ PyTree = Any
 MOMENTS = ("linearized", "monte_carlo")
 CENTRES = ("current", "posterior")
 FULL_DATA = (None, "epoch", "ema")
-
-
-class HeadState(NamedTuple):
-    """One head's posterior state.
-
-    Attributes:
-      prior_mean: ``[K, D]`` the full-data posterior's mean (0 before the first refresh).
-      prior_precision: its precision in the form (``N(0, gamma I)``'s before).
-      ggn_sum: the GGN summed since the last refresh (same form), possibly decayed.
-      offset_sum: ``[K, D]`` ``sum_t (grad_t - ggn_t theta_t)``: each batch's gradient
-        carried to any head by its GGN (``grad(theta) ~ grad_t + ggn_t (theta - theta_t)``).
-      count: ``[]`` examples accumulated (decayed for ``"ema"``).
-    """
-
-    prior_mean: Array
-    prior_precision: Array
-    ggn_sum: Array
-    offset_sum: Array
-    count: Array
-
-
-class RepresentationState(NamedTuple):
-    """The method's state: an optax-style NamedTuple with fixed shapes and dtypes.
-
-    Attributes:
-      step: ``[]`` int32 steps taken.
-      heads: one :class:`HeadState` per head.
-      finite: ``[]`` bool, whether the latest step's calibration was finite (if not, its
-        encoder cotangent fell back to the fixed-weight sum and the heads' state was kept).
-      nonfinite_count: ``[]`` int32 such steps so far.
-    """
-
-    step: Array
-    heads: tuple[HeadState, ...]
-    finite: Array
-    nonfinite_count: Array
 
 
 class RepresentationInfo(NamedTuple):
@@ -154,56 +120,11 @@ def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _init_head(cfg: _Config, head: rh.LinearHead, kernel, bias) -> HeadState:
-    num_out = kernel.shape[1]
-    dim = kernel.shape[0] + (0 if head.loss == "mse" else 1)
-    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-    prior = hp.isotropic_prior(head.loss, cfg.posterior, num_out, dim, cfg.prior_variance, dtype)
-    zeros = jnp.zeros_like(prior.precision)
-    return HeadState(
-        prior.mean,
-        prior.precision,
-        zeros,
-        jnp.zeros((num_out, dim), dtype),
-        jnp.zeros((), dtype),
-    )
-
-
-def _posterior_from_sums(cfg, head, theta, state: HeadState) -> hp.HeadPosterior:
-    """The full-data posterior from accumulated sums, at the current head ``theta``."""
-    num_out, dim = theta.shape
-    prior = hp.isotropic_prior(head.loss, cfg.posterior, num_out, dim, cfg.prior_variance, theta.dtype)
-    grad = state.offset_sum + hp.precision_matvec(head.loss, cfg.posterior, state.ggn_sum, theta)
-    stats = hp.CurvatureStats(state.ggn_sum, grad, state.count)
-    return hp.newton_posterior(head.loss, cfg.posterior, theta, stats, prior)
-
-
-def _refresh_head(cfg, head, theta, state: HeadState, when) -> HeadState:
-    """At ``when``: prior <- full-data posterior of the sums; sums <- 0 (``"epoch"``)."""
-
-    def refreshed(s):
-        post = _posterior_from_sums(cfg, head, theta, s)
-        if cfg.full_data == "ema":
-            return s._replace(prior_mean=post.mean, prior_precision=post.precision)
-        zero = jax.tree.map(jnp.zeros_like, (s.ggn_sum, s.offset_sum, s.count))
-        return HeadState(post.mean, post.precision, *zero)
-
-    return jax.lax.cond(when, refreshed, lambda s: s, state)
-
-
-def _accumulate(cfg, head, theta, state: HeadState, stats: hp.CurvatureStats) -> HeadState:
-    offset = stats.grad - hp.precision_matvec(head.loss, cfg.posterior, stats.ggn, theta)
-    decay = cfg.ema_decay if cfg.full_data == "ema" else 1.0
-    return state._replace(
-        ggn_sum=decay * state.ggn_sum + stats.ggn,
-        offset_sum=decay * state.offset_sum + offset,
-        count=decay * state.count + stats.count,
-    )
-
-
 def _moments(cfg, head, post, x, y, bias, key) -> rm.GradMoments:
     if head.loss == "mse":
-        return rm.mse_moments(post, x, y, form=cfg.posterior, bias=bias, split_outputs=head.split_outputs)
+        return rm.mse_moments(
+            post, x, y, form=cfg.posterior, bias=bias, split_outputs=head.split_outputs
+        )
     if cfg.moments == "linearized":
         return rm.linearized_moments(head.loss, post, x, y, split_outputs=head.split_outputs)
     return rm.monte_carlo_moments(
@@ -265,15 +186,20 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
             targets = targets_fn(batch)
         ys = _targets_per_head(targets, num_heads)
         reps, encoder_vjp = jax.vjp(lambda p: _as_tuple(encode_fn(p, batch)), params)
-        head_params, head_vjp = jax.vjp(lambda p: _head_params(head_params_fn, p, num_heads), params)
+        head_params, head_vjp = jax.vjp(
+            lambda p: _head_params(head_params_fn, p, num_heads), params
+        )
         batch_size = reps[0].shape[0]
-        compute = [jax.lax.stop_gradient(r).astype(jnp.promote_types(r.dtype, jnp.float32)) for r in reps]
+        compute = [
+            jax.lax.stop_gradient(r).astype(jnp.promote_types(r.dtype, jnp.float32)) for r in reps
+        ]
         total = _psum(jnp.asarray(batch_size, compute[0].dtype), cfg.axis_name)
         refresh_now = jnp.asarray(False)
         if cfg.full_data == "epoch":
-            refresh_now = (state.step > 0) & (state.step % cfg.refresh_every == 0)
+            refresh_now = (state.step > 0) & (state.step % int(cfg.refresh_every or 1) == 0)
         elif cfg.full_data == "ema":
             refresh_now = state.step > 0
+        decay = cfg.ema_decay if cfg.full_data == "ema" else 1.0
         sources, plain, head_cots, losses, new_heads = [], [], [], [], []
         for t, (head, (kernel, bias), y) in enumerate(zip(cfg.heads, head_params, ys)):
             x, columns = rh.fuse(head, compute)
@@ -282,15 +208,27 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
             kernel_c = kernel.astype(x.dtype)
             bias_c = None if bias is None else bias.astype(x.dtype)
             loss_n, d_kernel, d_bias = rh.head_gradients(head, x, kernel_c, bias_c, y, total)
-            head_cots.append((d_kernel.astype(kernel.dtype), None if bias is None else d_bias.astype(bias.dtype)))
+            head_cots.append(
+                (d_kernel.astype(kernel.dtype), None if bias is None else d_bias.astype(bias.dtype))
+            )
             losses.append(_psum(jnp.sum(loss_n), cfg.axis_name) / total)
             theta = rh.theta_of(head, kernel_c, bias_c)
-            hstate = _refresh_head(cfg, head, theta, state.heads[t], refresh_now)
+            hstate = rs.refresh_head(
+                head.loss,
+                cfg.posterior,
+                cfg.prior_variance,
+                cfg.full_data == "ema",
+                theta,
+                state.heads[t],
+                refresh_now,
+            )
             extra_bias = bias_c if head.loss == "mse" else None
             stats = hp.curvature_stats(head.loss, cfg.posterior, theta, x, y, extra_bias)
             stats = hp.CurvatureStats(*(_psum(s, cfg.axis_name) for s in stats))
-            new_heads.append(_accumulate(cfg, head, theta, hstate, stats))
-            current = head.weight * rm.input_gradients(head.loss, theta, x, y, extra_bias, head.split_outputs)
+            new_heads.append(rs.accumulate(head.loss, cfg.posterior, decay, theta, hstate, stats))
+            current = head.weight * rm.input_gradients(
+                head.loss, theta, x, y, extra_bias, head.split_outputs
+            )
             if cfg.aggregation == "sum":
                 moments = rm.GradMoments(current, jnp.ones_like(current))
             else:
@@ -315,14 +253,18 @@ def _make_grads(cfg: _Config, encode_fn, head_params_fn, targets_fn):
         )
         out = []
         for m, (c, rep) in enumerate(zip(cotangents, reps)):
-            fallback = sum((jnp.sum(p[1], axis=0) for p in plain if p[0] == m), jnp.zeros_like(c)) / total
+            fallback = (
+                sum((jnp.sum(p[1], axis=0) for p in plain if p[0] == m), jnp.zeros_like(c)) / total
+            )
             out.append(jnp.where(finite, c, fallback).astype(rep.dtype))
         (encoder_grads,) = encoder_vjp(tuple(out))
         (head_grads,) = head_vjp(tuple(head_cots))
         grads = jax.tree.map(lambda a, b: a + b, encoder_grads, head_grads)
         if cfg.axis_name is not None:
             grads = jax.lax.psum(grads, cfg.axis_name)
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), tuple(new_heads), state.heads)
+        kept = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), tuple(new_heads), state.heads
+        )
         new_state = RepresentationState(
             state.step + 1,
             kept,
@@ -485,7 +427,9 @@ def representation_bogc(
 
     def init_fn(params) -> RepresentationState:
         pairs = _head_params(head_params_fn, params, len(heads))
-        states = tuple(_init_head(cfg, h, k, b) for h, (k, b) in zip(heads, pairs))
+        states = tuple(
+            rs.init_head(h.loss, posterior, prior_variance, k, b) for h, (k, b) in zip(heads, pairs)
+        )
         return RepresentationState(
             jnp.zeros((), jnp.int32), states, jnp.asarray(True), jnp.zeros((), jnp.int32)
         )
@@ -498,12 +442,20 @@ def representation_bogc(
         new = []
         for head, (kernel, bias), y, old in zip(heads, pairs, ys, state.heads):
             x, _ = rh.fuse(head, [jnp.asarray(r, old.prior_mean.dtype) for r in reps])
-            theta = rh.theta_of(head, kernel.astype(x.dtype), None if bias is None else bias.astype(x.dtype))
+            theta = rh.theta_of(
+                head, kernel.astype(x.dtype), None if bias is None else bias.astype(x.dtype)
+            )
             extra_bias = bias.astype(x.dtype) if (head.loss == "mse" and bias is not None) else None
             post = hp.full_data_posterior(
-                head.loss, theta, x, y, prior_variance=prior_variance, form=posterior, bias=extra_bias
+                head.loss,
+                theta,
+                x,
+                y,
+                prior_variance=prior_variance,
+                form=posterior,
+                bias=extra_bias,
             )
-            zero = jax.tree.map(jnp.zeros_like, (old.ggn_sum, old.offset_sum, old.count))
+            zero = jax.tree.map(jnp.zeros_like, (old.ggn_sum, old.offset_sum, old.num_examples))
             new.append(HeadState(post.mean, post.precision, *zero))
         return state._replace(heads=tuple(new))
 

@@ -130,6 +130,8 @@ def theta_of(head: LinearHead, kernel: Array, bias: Array | None) -> Array:
     """The rows ``theta`` (``[K, d + 1]``, or ``[K, d]`` for ``"mse"``)."""
     if head.loss == "mse":
         return kernel.T
+    if bias is None:
+        raise ValueError(f"a {head.loss!r} head needs a bias (its posterior is over [W | b]).")
     return jnp.concatenate([kernel.T, bias[:, None]], axis=1)
 
 
@@ -160,8 +162,6 @@ def head_gradients(head: LinearHead, x: Array, kernel: Array, bias, y: Array, to
     if head.loss == "mse":
         r = 2 * r
     scale = head.weight / total
-    d_kernel = scale * (x.T @ r)
-    d_bias = None if bias is None else scale * jnp.sum(r, axis=0)
-    return per_example_loss(head.loss, logits, y), d_kernel.astype(kernel.dtype), (
-        None if bias is None else d_bias.astype(bias.dtype)
-    )
+    d_kernel = (scale * (x.T @ r)).astype(kernel.dtype)
+    d_bias = None if bias is None else (scale * jnp.sum(r, axis=0)).astype(bias.dtype)
+    return per_example_loss(head.loss, logits, y), d_kernel, d_bias

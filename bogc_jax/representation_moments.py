@@ -183,7 +183,9 @@ def monte_carlo_moments(
         shape = posterior.mean.shape
 
         def make(start, size, index):
-            z = jax.random.normal(jax.random.fold_in(key, index), (size,) + shape, posterior.mean.dtype)
+            z = jax.random.normal(
+                jax.random.fold_in(key, index), (size,) + shape, posterior.mean.dtype
+            )
             return hp.draws_from_noise(loss, form, posterior, chol, z)
 
     if total < 1:
@@ -266,7 +268,9 @@ def mse_moments(
     )
     var = jnp.maximum(var, 0.0)
     if not split_outputs:
-        return GradMoments(jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True))
+        return GradMoments(
+            jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True)
+        )
     return GradMoments(mean, var)
 
 
@@ -331,7 +335,11 @@ def linearized_moments(
         mean = r @ weight
         pbar = p @ weight  # (W^T p)_j
         w = jnp.square(p) * s2
-        t1 = w @ jnp.square(weight) - 2 * pbar * (w @ weight) + jnp.square(pbar) * jnp.sum(w, -1, keepdims=True)
+        t1 = (
+            w @ jnp.square(weight)
+            - 2 * pbar * (w @ weight)
+            + jnp.square(pbar) * jnp.sum(w, -1, keepdims=True)
+        )
         t2 = jnp.square(r) @ s2w
         rp = r * p
         t3 = 2 * h * (rp @ (s2w * weight) - pbar * (rp @ s2w))
@@ -344,5 +352,7 @@ def linearized_moments(
     )
     var = jnp.maximum(var, 0.0)
     if not split_outputs:
-        return GradMoments(jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True))
+        return GradMoments(
+            jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True)
+        )
     return GradMoments(mean, var)

@@ -42,7 +42,9 @@ def make_model(num_modalities, fusion, seed=0):
             fused @ p["fusion"][0] + p["fusion"][1], b["y"]
         ).mean()
         for h, (kernel, bias) in zip(reps, p["uni"]):
-            total += optax.softmax_cross_entropy_with_integer_labels(h @ kernel + bias, b["y"]).mean()
+            total += optax.softmax_cross_entropy_with_integer_labels(
+                h @ kernel + bias, b["y"]
+            ).mean()
         return total
 
     return params, encode, head_params, heads, joint_loss
@@ -71,8 +73,12 @@ def test_no_calibration_gives_the_joint_gradient(num_modalities, fusion, options
     """p = 0 or kappa = 0, scale 'sum', centre 'current': exactly joint_uni's gradient."""
     params, encode, head_params, heads, joint_loss = make_model(num_modalities, fusion)
     batch = make_batch(num_modalities)
-    method = bj.representation_bogc(encode, head_params, heads, targets_fn=lambda b: b["y"], **options)
-    grads, state, info = jax.jit(method.grads)(params, method.init(params), batch, key=jax.random.key(0))
+    method = bj.representation_bogc(
+        encode, head_params, heads, targets_fn=lambda b: b["y"], **options
+    )
+    grads, state, info = jax.jit(method.grads)(
+        params, method.init(params), batch, key=jax.random.key(0)
+    )
     _close(grads, jax.grad(joint_loss)(params, batch))
     assert bool(state.finite) and int(state.step) == 1
     for w in info.weights:
@@ -82,7 +88,9 @@ def test_no_calibration_gives_the_joint_gradient(num_modalities, fusion, options
 def test_heads_get_plain_gradients_and_calibration_moves_the_encoders():
     params, encode, head_params, heads, joint_loss = make_model(2, "concat")
     batch = make_batch(2)
-    method = bj.representation_bogc(encode, head_params, heads, targets_fn=lambda b: b["y"], gamma=3.0)
+    method = bj.representation_bogc(
+        encode, head_params, heads, targets_fn=lambda b: b["y"], gamma=3.0
+    )
     grads, _, info = jax.jit(method.grads)(params, method.init(params), batch)
     joint = jax.grad(joint_loss)(params, batch)
     _close({k: grads[k] for k in ("fusion", "uni")}, {k: joint[k] for k in ("fusion", "uni")})
@@ -94,7 +102,9 @@ def test_permuting_heads_changes_nothing():
     params, encode, head_params, heads, _ = make_model(3, "concat")
     batch = make_batch(3)
     order = [2, 0, 3, 1]
-    run = lambda hp_fn, hs: bj.representation_bogc(encode, hp_fn, hs, targets_fn=lambda b: b["y"], gamma=2.0)
+    run = lambda hp_fn, hs: bj.representation_bogc(
+        encode, hp_fn, hs, targets_fn=lambda b: b["y"], gamma=2.0
+    )
     a = run(head_params, heads)
     b = run(lambda p: [head_params(p)[i] for i in order], [heads[i] for i in order])
     ga, _, _ = jax.jit(a.grads)(params, a.init(params), batch)
@@ -107,7 +117,9 @@ def test_a_representation_read_by_one_head_passes_through():
     params, encode, head_params, heads, joint_loss = make_model(2, "concat")
     batch = make_batch(2)
     params["uni"] = params["uni"][:1]
-    method = bj.representation_bogc(encode, head_params, heads[:2], targets_fn=lambda b: b["y"], gamma=3.0)
+    method = bj.representation_bogc(
+        encode, head_params, heads[:2], targets_fn=lambda b: b["y"], gamma=3.0
+    )
     grads, _, info = jax.jit(method.grads)(params, method.init(params), batch)
     joint = jax.grad(joint_loss)(params, batch)
     _close(grads["enc"][1], joint["enc"][1])
@@ -131,7 +143,11 @@ def test_state_is_stable_under_jit_and_cond_and_accumulates_epochs():
     for batch in batches:
         state = step(state, batch, jnp.asarray(True))
         assert jax.tree.structure(state) == jax.tree.structure(state0)
-        jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail("changed"), state, state0)
+        jax.tree.map(
+            lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail("changed"),
+            state,
+            state0,
+        )
     assert int(state.step) == 3
     skipped = step(state, batches[0], jnp.asarray(False))
     _close(skipped, state, rtol=0, atol=0)
@@ -142,7 +158,9 @@ def test_state_is_stable_under_jit_and_cond_and_accumulates_epochs():
     stored = method.refresh(params, state0, reps, ys)
     for t in range(3):
         _close(state.heads[t].prior_mean, stored.heads[t].prior_mean, rtol=1e-4, atol=1e-5)
-        _close(state.heads[t].prior_precision, stored.heads[t].prior_precision, rtol=1e-4, atol=1e-3)
+        _close(
+            state.heads[t].prior_precision, stored.heads[t].prior_precision, rtol=1e-4, atol=1e-3
+        )
 
 
 def test_state_round_trips_through_orbax(tmp_path):
@@ -176,7 +194,9 @@ def test_flax_nnx_heads_and_optimizer():
         return [(lin.kernel[...], lin.bias[...]) for lin in (m.fusion, *m.heads)]
 
     heads = [bj.LinearHead((0, 1)), bj.LinearHead((0,)), bj.LinearHead((1,))]
-    method = bj.representation_bogc(encode, head_params, heads, targets_fn=lambda b: b["y"], kappa=0.0)
+    method = bj.representation_bogc(
+        encode, head_params, heads, targets_fn=lambda b: b["y"], kappa=0.0
+    )
     batch = make_batch(2)
     grads, _, _ = method.grads(params, method.init(params), batch)
 
@@ -202,7 +222,11 @@ def test_bayesagg_mtl_multitask_runs_with_all_head_kinds():
         "bin": (0.3 * jax.random.normal(k[2], (5, 2)), jnp.zeros(2)),
         "reg": (0.3 * jax.random.normal(k[3], (5, 2)), jnp.zeros(2)),
     }
-    heads = [bj.LinearHead((0,), "softmax"), bj.LinearHead((0,), "sigmoid"), bj.LinearHead((0,), "mse")]
+    heads = [
+        bj.LinearHead((0,), "softmax"),
+        bj.LinearHead((0,), "sigmoid"),
+        bj.LinearHead((0,), "mse"),
+    ]
     method = bj.bayesagg_mtl(
         lambda p, b: jnp.tanh(b["x"] @ p["enc"]),
         lambda p: [p["cls"], p["bin"], p["reg"]],
@@ -217,7 +241,12 @@ def test_bayesagg_mtl_multitask_runs_with_all_head_kinds():
         "b": jax.random.bernoulli(kb[2], 0.5, (BATCH, 2)).astype(jnp.float32),
         "r": jax.random.normal(kb[3], (BATCH, 2)),
     }
-    state = method.refresh(params, method.init(params), jnp.tanh(batch["x"] @ params["enc"]), [batch["c"], batch["b"], batch["r"]])
+    state = method.refresh(
+        params,
+        method.init(params),
+        jnp.tanh(batch["x"] @ params["enc"]),
+        [batch["c"], batch["b"], batch["r"]],
+    )
     grads, state, info = jax.jit(method.grads)(params, state, batch, key=jax.random.key(1))
     assert info.weights[0].shape == (1 + 2 + 2,)
     assert bool(state.finite)
@@ -254,13 +283,19 @@ def test_clear_errors():
     params, encode, head_params, heads, _ = make_model(2, "concat")
     batch = make_batch(2)
     with pytest.raises(ValueError, match="reads representation 5"):
-        m = bj.representation_bogc(encode, head_params, [bj.LinearHead((0, 5)), *heads[1:]], targets_fn=lambda b: b["y"])
+        m = bj.representation_bogc(
+            encode, head_params, [bj.LinearHead((0, 5)), *heads[1:]], targets_fn=lambda b: b["y"]
+        )
         m.grads(params, m.init(params), batch)
     with pytest.raises(ValueError, match=r"kernel must be \[d_in, K\]"):
-        m = bj.representation_bogc(encode, head_params, [bj.LinearHead((0,)), *heads[1:]], targets_fn=lambda b: b["y"])
+        m = bj.representation_bogc(
+            encode, head_params, [bj.LinearHead((0,)), *heads[1:]], targets_fn=lambda b: b["y"]
+        )
         m.grads(params, m.init(params), batch)
     with pytest.raises(ValueError, match="needs key="):
-        m = bj.representation_bogc(encode, head_params, heads, targets_fn=lambda b: b["y"], moments="monte_carlo")
+        m = bj.representation_bogc(
+            encode, head_params, heads, targets_fn=lambda b: b["y"], moments="monte_carlo"
+        )
         m.grads(params, m.init(params), batch)
     with pytest.raises(ValueError, match="posterior='diag'"):
         bj.representation_bogc(encode, head_params, heads, posterior="full")
@@ -274,7 +309,11 @@ def test_one_device_equals_eight_devices():
     worker = pathlib.Path(__file__).with_name("workers") / "representation_worker.py"
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["PYTHONPATH"] = str(pathlib.Path(__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
+    env["PYTHONPATH"] = (
+        str(pathlib.Path(__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    proc = subprocess.run(
+        [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "same" in proc.stdout

@@ -112,19 +112,43 @@ def test_official_classifiers_on_fresh_inputs(official):
             )
             draws.clear()
             e_g, v_g, _ = moments.compute_moments(torch.tensor(h), as_t(y), post)
-            cases[loss] = (theta, y, y_full, post_module.full_data_posterior, post, draws[0], e_g, v_g)
+            cases[loss] = (
+                theta,
+                y,
+                y_full,
+                post_module.full_data_posterior,
+                post,
+                draws[0],
+                e_g,
+                v_g,
+            )
     finally:
         torch.distributions.MultivariateNormal.rsample = original
 
     with jax.enable_x64(True):
         mine = {}
         for loss, (theta, y, y_full, full_ref, post_ref, drawn, e_g, v_g) in cases.items():
-            full = hp.full_data_posterior(loss, jnp.asarray(theta), jnp.asarray(h_full), jnp.asarray(y_full), prior_variance=0.3, form="full")
-            post = hp.head_posterior(loss, jnp.asarray(theta), jnp.asarray(h), jnp.asarray(y), full, form="full")
+            full = hp.full_data_posterior(
+                loss,
+                jnp.asarray(theta),
+                jnp.asarray(h_full),
+                jnp.asarray(y_full),
+                prior_variance=0.3,
+                form="full",
+            )
+            post = hp.head_posterior(
+                loss, jnp.asarray(theta), jnp.asarray(h), jnp.asarray(y), full, form="full"
+            )
             for ours, ref in ((full, full_ref), (post, post_ref)):
                 assert _rel(ours.mean.reshape(-1), ref.mean.numpy()) < 1e-8
                 assert _rel(hp.covariance(loss, "full", ours), ref.covariance_matrix.numpy()) < 1e-8
-            m = rm.monte_carlo_moments(loss, jnp.asarray(h), jnp.asarray(y), draws=jnp.asarray(drawn).reshape((-1,) + theta.shape), chunk_size=64)
+            m = rm.monte_carlo_moments(
+                loss,
+                jnp.asarray(h),
+                jnp.asarray(y),
+                draws=jnp.asarray(drawn).reshape((-1,) + theta.shape),
+                chunk_size=64,
+            )
             v = jnp.power(jnp.maximum(m.var, rw.VARIANCE_CLAMP), p)
             assert _rel(m.mean, e_g.numpy()) < 1e-8 and _rel(v, v_g.numpy()) < 1e-8
             mine[loss] = (m.mean, v)
@@ -166,7 +190,9 @@ def test_official_regression_end_to_end_through_the_api(official):
             lambda prm, b: prm["h"], lambda prm: [prm["head"]], [bj.LinearHead((0,), "mse")],
             prior_variance=gamma, power={"mse": p},
         )  # fmt: skip
-        state = method.refresh(params, method.init(params), jnp.asarray(h_full), jnp.asarray(y_full))
+        state = method.refresh(
+            params, method.init(params), jnp.asarray(h_full), jnp.asarray(y_full)
+        )
         grads, _, _ = method.grads(params, state, None, targets=jnp.asarray(y))
         assert _rel(grads["h"], rep.grad.numpy()) < 1e-8
         # The head gets its plain gradient.

@@ -101,7 +101,13 @@ def test_mse_exact_moments_match_monte_carlo(form):
         post = hp.full_data_posterior("mse", theta, h, y, prior_variance=0.3, form=form)
         exact = rm.mse_moments(post, h, y, form=form)
         mc = rm.monte_carlo_moments(
-            "mse", h, y, posterior=post, form=form, key=jax.random.key(1), num_samples=20000,
+            "mse",
+            h,
+            y,
+            posterior=post,
+            form=form,
+            key=jax.random.key(1),
+            num_samples=20000,
             chunk_size=5000,
         )
         se = jnp.sqrt(exact.var / 20000)
@@ -116,7 +122,13 @@ def test_linearized_moments_match_monte_carlo_for_a_narrow_posterior(loss):
         post = hp.HeadPosterior(theta, jnp.full(theta.shape, 1e4, jnp.float64))
         lin = rm.linearized_moments(loss, post, h, y)
         mc = rm.monte_carlo_moments(
-            loss, h, y, posterior=post, form="diag", key=jax.random.key(2), num_samples=8000,
+            loss,
+            h,
+            y,
+            posterior=post,
+            form="diag",
+            key=jax.random.key(2),
+            num_samples=8000,
             chunk_size=2000,
         )
         np.testing.assert_allclose(lin.var, mc.var, rtol=0.15, atol=1e-3 * float(mc.var.max()))
@@ -140,7 +152,9 @@ arrays = st.integers(0, 2**31 - 1)
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=arrays, sources=st.integers(2, 4), aggregation=st.sampled_from(["precision", "dempster"]))
+@given(
+    seed=arrays, sources=st.integers(2, 4), aggregation=st.sampled_from(["precision", "dempster"])
+)
 def test_weights_equal_variances_give_the_sum(seed, sources, aggregation):
     k = jax.random.split(jax.random.key(seed), 2)
     mean = jax.random.normal(k[0], (sources, 3, 5))
@@ -149,13 +163,24 @@ def test_weights_equal_variances_give_the_sum(seed, sources, aggregation):
     np.testing.assert_allclose(out, mean.sum(0), rtol=1e-5, atol=1e-6)
     # p = 0 and kappa = 0 ignore the variances altogether.
     var = jnp.abs(jax.random.normal(k[1], mean.shape)) + 0.1
-    np.testing.assert_allclose(rw.calibrate(mean, var, aggregation=aggregation, power=0.0)[0], mean.sum(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        rw.calibrate(mean, var, aggregation=aggregation, power=0.0)[0],
+        mean.sum(0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     if aggregation == "dempster":
-        np.testing.assert_allclose(rw.calibrate(mean, var, kappa=0.0)[0], mean.sum(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            rw.calibrate(mean, var, kappa=0.0)[0], mean.sum(0), rtol=1e-5, atol=1e-6
+        )
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=arrays, aggregation=st.sampled_from(["precision", "dempster"]), p=st.sampled_from([0.1, 0.5, 1.0]))
+@given(
+    seed=arrays,
+    aggregation=st.sampled_from(["precision", "dempster"]),
+    p=st.sampled_from([0.1, 0.5, 1.0]),
+)
 def test_weights_permutation_and_monotonicity(seed, aggregation, p):
     k = jax.random.split(jax.random.key(seed), 3)
     mean = jax.random.normal(k[0], (3, 4, 6))
@@ -176,5 +201,7 @@ def test_one_source_passes_through():
     mean = jax.random.normal(jax.random.key(0), (1, 3, 4))
     for aggregation in ("precision", "dempster"):
         for scale in ("sum", "mean"):
-            out, _, _ = rw.calibrate(mean, jnp.ones_like(mean) * 7, aggregation=aggregation, scale=scale)
+            out, _, _ = rw.calibrate(
+                mean, jnp.ones_like(mean) * 7, aggregation=aggregation, scale=scale
+            )
             np.testing.assert_array_equal(out, mean[0])

@@ -73,16 +73,34 @@ def check(path: str, tol: float = 1e-8, own_draws: int = 4096, seed: int = 0):
     for prefix, loss, y_key in (("mc", "softmax", "mc_y"), ("bin", "sigmoid", "bin_y")):
         theta = jnp.asarray(f[f"{prefix}_W"])
         y, y_full = jnp.asarray(f[y_key]), jnp.asarray(f[f"{y_key}_full"])
-        full = hp.full_data_posterior(loss, theta, h_full, y_full, prior_variance=gamma, form="full")
+        full = hp.full_data_posterior(
+            loss, theta, h_full, y_full, prior_variance=gamma, form="full"
+        )
         post = hp.head_posterior(loss, theta, h, y, full, form="full")
         for stage, p in (("full", full), ("post", post)):
-            rows.append((f"{prefix}_{stage}_mean", relative_error(p.mean.reshape(-1), f[f"{prefix}_{stage}_mean"]), tol, "rel"))
-            rows.append((f"{prefix}_{stage}_cov", relative_error(hp.covariance(loss, "full", p), f[f"{prefix}_{stage}_cov"]), tol, "rel"))
+            rows.append(
+                (
+                    f"{prefix}_{stage}_mean",
+                    relative_error(p.mean.reshape(-1), f[f"{prefix}_{stage}_mean"]),
+                    tol,
+                    "rel",
+                )
+            )
+            rows.append(
+                (
+                    f"{prefix}_{stage}_cov",
+                    relative_error(hp.covariance(loss, "full", p), f[f"{prefix}_{stage}_cov"]),
+                    tol,
+                    "rel",
+                )
+            )
         draws = jnp.asarray(f[f"{prefix}_draws"]).reshape((-1,) + theta.shape)
         m = rm.monte_carlo_moments(loss, h, y, draws=draws, chunk_size=128)
         moments[prefix] = (m.mean, _powered(m.var, p_cls))
         rows.append((f"{prefix}_E_g", relative_error(m.mean, f[f"{prefix}_E_g"]), tol, "rel"))
-        rows.append((f"{prefix}_V_g", relative_error(moments[prefix][1], f[f"{prefix}_V_g"]), tol, "rel"))
+        rows.append(
+            (f"{prefix}_V_g", relative_error(moments[prefix][1], f[f"{prefix}_V_g"]), tol, "rel")
+        )
         if own_draws:
             key = keys[0] if prefix == "mc" else keys[1]
             z_mean, z_var = _mc_z(loss, post, h, y, draws, key, own_draws)
@@ -94,7 +112,9 @@ def check(path: str, tol: float = 1e-8, own_draws: int = 4096, seed: int = 0):
     post = hp.head_posterior("mse", theta, h, y, full, form="full")
     for stage, p in (("full", full), ("post", post)):
         cov = jnp.broadcast_to(jnp.linalg.inv(p.precision), (theta.shape[0],) + p.precision.shape)
-        rows.append((f"reg_{stage}_mean", relative_error(p.mean, f[f"reg_{stage}_mean"]), tol, "rel"))
+        rows.append(
+            (f"reg_{stage}_mean", relative_error(p.mean, f[f"reg_{stage}_mean"]), tol, "rel")
+        )
         rows.append((f"reg_{stage}_cov", relative_error(cov, f[f"reg_{stage}_cov"]), tol, "rel"))
     m = rm.mse_moments(post, h, y, form="full")
     moments["reg"] = (m.mean, _powered(m.var, p_reg))

@@ -50,17 +50,26 @@ def main() -> int:
             out.append((grads, state, info.weights))
         return out
 
-    single = bj.representation_bogc(encode, lambda p: [p["fusion"], *p["uni"]], heads, targets_fn=lambda b: b["y"], **options)
+    single = bj.representation_bogc(
+        encode, lambda p: [p["fusion"], *p["uni"]], heads, targets_fn=lambda b: b["y"], **options
+    )
     one = run(single, jax.jit(lambda p, s, b, kk: single.grads(p, s, b, key=kk)))
 
     multi = bj.representation_bogc(
-        encode, lambda p: [p["fusion"], *p["uni"]], heads, targets_fn=lambda b: b["y"], axis_name="data", **options
+        encode,
+        lambda p: [p["fusion"], *p["uni"]],
+        heads,
+        targets_fn=lambda b: b["y"],
+        axis_name="data",
+        **options,
     )
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rep, split = PartitionSpec(), PartitionSpec("data")
     sharded = jax.jit(
         jax.shard_map(
-            lambda p, s, b, kk: (lambda g, st, info: (g, st, info.weights))(*multi.grads(p, s, b, key=kk)),
+            lambda p, s, b, kk: (lambda g, st, info: (g, st, info.weights))(
+                *multi.grads(p, s, b, key=kk)
+            ),
             mesh=mesh,
             in_specs=(rep, rep, split, rep),
             out_specs=(rep, rep, rep),
@@ -70,7 +79,10 @@ def main() -> int:
     state, ok = multi.init(params), True
     for (grads_1, state_1, weights_1), batch in zip(one, batches):
         grads_8, state, weights_8 = sharded(params, state, batch, key)
-        for a, b in zip(jax.tree.leaves((grads_1, state_1, weights_1)), jax.tree.leaves((grads_8, state, weights_8))):
+        for a, b in zip(
+            jax.tree.leaves((grads_1, state_1, weights_1)),
+            jax.tree.leaves((grads_8, state, weights_8)),
+        ):
             if not np.allclose(a, b, rtol=2e-4, atol=1e-5):
                 print("differ:", np.max(np.abs(np.asarray(a) - np.asarray(b))))
                 ok = False
