@@ -109,11 +109,18 @@ def _merge(a, b):
     return n, mean, m2
 
 
+def _sum_over_draws(x: Array) -> Array:
+    """``sum_s x[s]`` as a matrix-vector product (XLA:CPU reduces a short leading axis slowly)."""
+    flat = x.reshape(x.shape[0], -1)
+    return (jnp.ones((x.shape[0],), x.dtype) @ flat).reshape(x.shape[1:])
+
+
 def _chunk_stats(grads_fn, draws):
     g = jax.vmap(grads_fn)(draws)  # [c, B, slots, d]
-    mean = jnp.mean(g, axis=0)
-    m2 = jnp.sum(jnp.square(g - mean), axis=0)
-    return jnp.asarray(draws.shape[0], g.dtype), mean, m2
+    count = draws.shape[0]
+    mean = _sum_over_draws(g) / count
+    m2 = _sum_over_draws(jnp.square(g - mean))
+    return jnp.asarray(count, g.dtype), mean, m2
 
 
 def monte_carlo_moments(
@@ -186,7 +193,9 @@ def monte_carlo_moments(
             z = jax.random.normal(
                 jax.random.fold_in(key, index), (size,) + shape, posterior.mean.dtype
             )
-            return hp.draws_from_noise(loss, form, posterior, chol, z)
+            # Materialise the draws once: XLA would otherwise fuse the generator into
+            # each of their uses and draw them again.
+            return jax.lax.optimization_barrier(hp.draws_from_noise(loss, form, posterior, chol, z))
 
     if total < 1:
         raise ValueError(f"monte_carlo_moments: need at least one draw; got {total}.")
