@@ -1,13 +1,41 @@
 """bogc_jax: balanced multimodal learning as composable Optax gradient transformations."""
 
-from bogc_jax import evidence, labels, metrics
+from bogc_jax import evidence, labels, metrics, weightings
 from bogc_jax.accumulate import AccumulationState, multi_steps
-from bogc_jax.baselines import MMParetoState, OgmGeState, mmpareto, ogm_ge, ogm_ge_coefficients
 from bogc_jax.bogc import BogcState, bogc, coordinate_weights
 from bogc_jax.cggm import CggmState, cggm, cggm_coefficients, cggm_direction_loss
 from bogc_jax.fast_stats import fast_stats_plan
 from bogc_jax.labels import label_params
 from bogc_jax.laplace import laplace_grad_stats
+from bogc_jax.mmpareto import MMParetoState, mmpareto
+from bogc_jax.ogm_ge import OgmGeState, ogm_ge, ogm_ge_coefficients
 from bogc_jax.stats import GradStats, merge_grad_stats, source_grad_stats
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "AccumulationState",
+    "BogcState",
+    "CggmState",
+    "GradStats",
+    "MMParetoState",
+    "OgmGeState",
+    "bogc",
+    "cggm",
+    "cggm_coefficients",
+    "cggm_direction_loss",
+    "coordinate_weights",
+    "evidence",
+    "fast_stats_plan",
+    "label_params",
+    "labels",
+    "laplace_grad_stats",
+    "merge_grad_stats",
+    "metrics",
+    "mmpareto",
+    "multi_steps",
+    "ogm_ge",
+    "ogm_ge_coefficients",
+    "source_grad_stats",
+    "weightings",
+]
