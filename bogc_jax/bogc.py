@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -338,8 +338,7 @@ def bogc(
             is_leaf=_is_masked,
             fix="Calibrated leaves need floating gradients; set mask to False there.",
         )
-        assert grad_stats is not None  # checked by _check_stats
-        count = jnp.asarray(grad_stats.count)
+        count = jnp.asarray(cast(GradStats, grad_stats).count)  # not None: checked above
         chosen_vars = [v for v, on in zip(stats_vars, calibrate) if on]
         chosen = [m for m, on in zip(stats_means, calibrate) if on] + chosen_vars
         valid = (count > 0) & _all_non_negative(chosen_vars)

@@ -228,7 +228,7 @@ def cggm(
         validation.check_number(
             "cggm", "smoothing", smoothing, strict=True, finite=True, fix=_SMOOTHING_FIX
         )
-    labels_lib.check_static_labels("cggm", param_labels)
+    validation.check_static_labels("cggm", param_labels)
 
     def init_fn(params):
         m = labels_lib.modality_count(param_labels, params)

@@ -193,20 +193,6 @@ def modality_count(param_labels: ParamLabels, params: PyTree, argname: str = "pa
     return num_modalities(leaf_labels(param_labels, params, argname), argname)
 
 
-def check_static_labels(owner: str, param_labels: ParamLabels) -> None:
-    """``param_labels`` is labels, not an array (as ``optax.inject_hyperparams`` makes them).
-
-    Raises:
-      TypeError: naming ``static_args=("param_labels",)``.
-    """
-    if isinstance(param_labels, (jax.Array, np.ndarray, int, float)):
-        raise TypeError(
-            f"{owner}: param_labels must be a pytree of labels (or a callable params -> "
-            f"labels); got {param_labels!r}. Under optax.inject_hyperparams list it in "
-            f'static_args: optax.inject_hyperparams(bj.{owner}, static_args=("param_labels",)).'
-        )
-
-
 def map_labelled(
     fn: Callable[..., Any], labels: Sequence[Label], tree: PyTree, *rest: PyTree
 ) -> PyTree:

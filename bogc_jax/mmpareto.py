@@ -388,7 +388,7 @@ def mmpareto(
         fix="gamma enlarges the combined gradient; the official value is 1.5.",
     )
     fusion_source, modality_sources = _check_sources(fusion_source, modality_sources)
-    labels_lib.check_static_labels("mmpareto", param_labels)
+    validation.check_static_labels("mmpareto", param_labels)
 
     def init_fn(params):
         m = labels_lib.modality_count(param_labels, params)

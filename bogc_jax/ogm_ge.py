@@ -244,7 +244,7 @@ def ogm_ge(
         )
     noise = bool(noise)
     _check_key(key)
-    labels_lib.check_static_labels("ogm_ge", param_labels)
+    validation.check_static_labels("ogm_ge", param_labels)
 
     def init_fn(params):
         m = labels_lib.modality_count(param_labels, params)

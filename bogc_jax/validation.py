@@ -311,6 +311,20 @@ def check_scores(
     return scores.astype(jnp.float32)
 
 
+def check_static_labels(owner: str, param_labels) -> None:
+    """``param_labels`` is labels, not an array (as ``optax.inject_hyperparams`` makes them).
+
+    Raises:
+      TypeError: naming ``static_args=("param_labels",)``.
+    """
+    if isinstance(param_labels, (jax.Array, np.ndarray, int, float)):
+        raise TypeError(
+            f"{owner}: param_labels must be a pytree of labels (or a callable params -> "
+            f"labels); got {param_labels!r}. Under optax.inject_hyperparams list it in "
+            f'static_args: optax.inject_hyperparams(bj.{owner}, static_args=("param_labels",)).'
+        )
+
+
 def check_labels_in_range(owner: str, labels: Sequence[int | None], num_modalities: int) -> None:
     """Every label is below the ``num_modalities`` the state was built for."""
     bad = sorted({label for label in labels if label is not None and label >= num_modalities})
