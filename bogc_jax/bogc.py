@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bogc_jax import evidence as ev
 from bogc_jax import validation
+from bogc_jax._finite import Step, finite_guarded, initial_flags
+from bogc_jax._sources import sum_over_sources
+from bogc_jax._types import (
+    AGGREGATIONS,
+    NOISE_SCALES,
+    Aggregation,
+    Noise,
+    PyTree,
+    is_params_placeholder,
+)
 from bogc_jax.stats import GradStats
-
-PyTree = Any
-Aggregation = Literal["dempster", "precision", "dimension_frame", "sum"]
-AGGREGATIONS = ("dempster", "precision", "dimension_frame", "sum")
-Noise = Literal["absolute", "relative"]
-NOISE_SCALES = ("absolute", "relative")
+from bogc_jax.weightings import WEIGHTINGS
 
 
 class BogcState(NamedTuple):
@@ -27,15 +33,17 @@ class BogcState(NamedTuple):
       source_weights: pytree like params; each leaf ``[S]`` float32: for each source, the
         mean over the leaf's coordinates that it touches of ``|T_d| * w[s, d]``, its weight
         relative to the fixed-weight sum (1 everywhere = the plain sum; 0 where the source
-        touches nothing in the leaf, and for leaves that are not calibrated).
+        touches nothing in the leaf, and for leaves that are not calibrated). With
+        ``aggregation="sum"`` every entry is 1 (no statistics are read).
       uncertainty: pytree like params; each leaf ``[]`` float32: mean fused uncertainty
         ``m(Theta)`` over the touched coordinates ("dempster"), the fused frame
         uncertainty ("dimension_frame"), 0 for "precision", "sum" and uncalibrated leaves.
-      finite: ``[]`` bool, whether every input of the latest update (``grads`` and the
-        statistics of the calibrated leaves) was finite. When it is False the update fell
-        back to the incoming ``grads`` and the two fields above kept their previous values.
-      nonfinite_count: ``[]`` int32, the number of updates so far whose inputs were not
-        finite.
+      finite: ``[]`` bool, whether the latest update was used: its inputs (``grads``, and
+        the statistics of the calibrated leaves) were finite, its variances non-negative and
+        its count positive, and its outputs (updates and the fields above) finite. When it
+        is False the update returned the incoming ``grads`` and the two fields above kept
+        their previous values.
+      nonfinite_count: ``[]`` int32, the number of updates so far that were not used.
     """
 
     source_weights: PyTree
@@ -58,17 +66,25 @@ def coordinate_weights(
 ):
     """BOGC's per-coordinate source weights for one leaf (see :func:`bogc`).
 
+        touched = (mean != 0) | (var != 0)
+        lam     = precision(var / count, mean, touched, eps)     (after noise scaling)
+        weights, uncertainty = WEIGHTINGS[aggregation](lam, touched, kappa, gamma, W)
+
     Args:
       mean: ``[S, ...]`` per-source mean gradients.
       var: ``[S, ...]`` per-example variances over ``count`` examples.
       count: the number of examples behind the statistics.
       kappa, gamma, prior_weight, eps, aggregation, noise: as in :func:`bogc`
-        (``aggregation`` other than ``"sum"``).
+        (``"sum"`` gives the uniform weights ``1 / |T_d|``; see
+        :mod:`bogc_jax.weightings`).
 
     Returns:
       ``(weights, touched, uncertainty)``: ``weights[s, d]`` sums to 1 over the sources
       touching ``d`` and is 0 elsewhere; ``touched`` the ``[S, ...]`` booleans;
       ``uncertainty`` the leaf's scalar fused uncertainty (0 for ``"precision"``).
+
+    Raises:
+      ValueError: ``aggregation`` or ``noise`` is not one of the readings.
 
     Example:
       Source 1's gradient is a tenth of source 0's and its standard deviation 0.3 of it:
@@ -83,44 +99,33 @@ def coordinate_weights(
       absolute [[0.223, 1.0], [0.777, 0.0]]
       relative [[0.766, 1.0], [0.234, 0.0]]
     """
+    validation.check_choice("coordinate_weights", "aggregation", aggregation, AGGREGATIONS)
+    validation.check_choice("coordinate_weights", "noise", noise, NOISE_SCALES)
     touched = (mean != 0) | (var != 0)
-    num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
     if noise == "relative":
         mean_for_noise, var = ev.relative_to_own_signal(mean, var, touched)
     else:
         mean_for_noise = mean
     lam = ev.precision(var / jnp.asarray(count).astype(var.dtype), mean_for_noise, touched, eps)
-    if aggregation == "precision":
-        weights = lam / jnp.where(num_touching > 0, ev.sum_over_sources(lam), 1)
-        return weights, touched, jnp.zeros((), mean.dtype)
-    e = ev.evidence(lam, touched, kappa, gamma)
-    if aggregation == "dempster":
-        m, m_theta = ev.fuse_simple_supports(e, prior_weight)
-        weights = ev.pignistic_weights(m, m_theta, touched)
-        any_touch = num_touching > 0
-        uncertainty = jnp.sum(jnp.where(any_touch, m_theta, 0)) / jnp.maximum(jnp.sum(any_touch), 1)
-        return weights, touched, uncertainty
-    # "dimension_frame"
-    b, u = ev.dirichlet_opinion(e)
-    shares = ev.belief_shares(b, u)
-    total = ev.sum_over_sources(shares)
-    uniform = touched / jnp.maximum(num_touching, 1)
-    weights = jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), uniform)
-    flat_b = jnp.reshape(b, (b.shape[0], -1))
-    _, uncertainty = ev.dempster_fold(flat_b, jnp.reshape(u, (u.shape[0],)))
+    weights, uncertainty = WEIGHTINGS[aggregation](
+        lam, touched, kappa=kappa, gamma=gamma, prior_weight=prior_weight
+    )
     return weights, touched, uncertainty
 
 
-def _calibrate_leaf(mean, var, count, **hyper):
-    """Calibrated gradient and diagnostics for one leaf. ``mean``/``var``: ``[S, ...]``."""
+def _calibration(mean, var, count, **hyper):
+    """The correction to the fixed-weight sum and the diagnostics, for one leaf.
+
+    delta = sum_s (|T_d| w[s, d] - 1) mu[s, d]   (= calibrated - sum_s mu[s, d])
+    """
     weights, touched, uncertainty = coordinate_weights(mean, var, count, **hyper)
-    num_touching = ev.sum_over_sources(touched.astype(mean.dtype))
-    calibrated = num_touching * ev.sum_over_sources(weights * mean)
-    relative = num_touching * weights
-    per_source = jnp.sum(relative, axis=tuple(range(1, mean.ndim))) / jnp.maximum(
-        jnp.sum(touched, axis=tuple(range(1, mean.ndim))), 1
-    ).astype(mean.dtype)
-    return calibrated, per_source.astype(jnp.float32), uncertainty.astype(jnp.float32)
+    relative = sum_over_sources(touched.astype(mean.dtype)) * weights
+    delta = sum_over_sources(jnp.where(touched, relative - 1, 0) * mean)
+    axes = tuple(range(1, mean.ndim))
+    per_source = jnp.sum(relative, axis=axes) / jnp.maximum(jnp.sum(touched, axis=axes), 1).astype(
+        mean.dtype
+    )
+    return delta, per_source.astype(jnp.float32), uncertainty.astype(jnp.float32)
 
 
 def bogc(
@@ -158,11 +163,28 @@ def bogc(
       w_{s,d} = m_d(\{s\}) + m_d(\Theta) / |T_d|, \qquad
       \hat g_d = |T_d| \sum_{s \in T_d} w_{s,d}\, \mu_{s,d}.
 
-    Equal precisions (or ``kappa = 0``) give ``w = 1/|T_d|``: exactly the fixed-weight sum
-    ``sum_s mu[s, d]``. A coordinate touched by one source passes its mean unchanged.
-    Scaling every loss by ``c > 0`` scales the output by ``c``.
+    The calibration is applied as a correction to the incoming gradient ``g``:
 
-    Other aggregations (``aggregation=``):
+    .. math::
+
+      \mathrm{out}_d = g_d + \bigl(\hat g_d - \textstyle\sum_s \mu_{s,d}\bigr)
+                     = g_d + \sum_{s \in T_d} (|T_d|\, w_{s,d} - 1)\, \mu_{s,d}.
+
+    With ``g`` the fixed-weight gradient (``grad_stats.fixed_weight_grads()``) the output is
+    the calibrated gradient ``hat g``; anything else in ``g`` (an L2 term, CGGM's direction
+    loss, an auxiliary loss outside ``losses_fn``, ``optax.add_decayed_weights`` placed
+    before bogc) passes through unchanged. Equal precisions (or ``kappa = 0``, or
+    ``gamma = 0``) give ``w = 1/|T_d|`` and a zero correction: the identity on any input,
+    like ``aggregation="sum"``. A coordinate touched by one source passes unchanged.
+    Scaling every loss by ``c > 0`` scales the correction by ``c``.
+
+    Ordering in a chain: the correction is in the units of the raw loss gradients, so
+    bogc must see gradients in those units. Put it first, or after transforms that only
+    *add* to the gradient (``optax.add_decayed_weights``); transforms that rescale or
+    reshape the gradient (clipping, ``optax.scale*``, adam, cggm, ogm_ge, mmpareto) go
+    after it.
+
+    Other aggregations (``aggregation=``, the table :data:`bogc_jax.weightings.WEIGHTINGS`):
 
     * ``"precision"``: ``w[s, d] = lam[s, d] / sum_{T_d} lam`` (a product of Gaussian
       experts; no evidence, no Dempster step).
@@ -173,18 +195,24 @@ def bogc(
       Set ``gamma=0.5`` for the square-root evidence map.
     * ``"sum"``: the fixed-weight baseline; ``grads`` pass through unchanged.
 
+    The evidence is computed in log space (:func:`bogc_jax.evidence.log_evidence`), so no
+    ``gamma`` makes it overflow.
+
     Degenerate and non-finite statistics. Zero variance at a coordinate for every
     touching source (identical examples, or variances below float32's range, e.g. at
-    gradient scales under ~1e-19) makes the sources equally precise: the fixed-weight
-    sum there. If any input of an update is not finite (a NaN or an infinity in
-    ``grads``, in ``grad_stats.mean``/``var`` of a calibrated leaf, or a ``count`` that
-    is not a positive finite number; float32 variances overflow at gradient scales above
-    ~1e19), the update returns ``grads`` unchanged (the fixed-weight sum, finite if
-    ``grads`` are) instead of calibrating, the state keeps its previous diagnostics, and
-    ``state.finite`` is False (``state.nonfinite_count`` counts such updates). A NaN in
-    ``grads`` therefore reaches the next transform: ``optax.chain(bj.bogc(S),
-    optax.apply_if_finite(optax.adam(lr), max_consecutive_errors))`` skips that step, and
-    bogc's own state is never poisoned.
+    gradient scales under ~1e-19) makes the sources equally precise: no correction there.
+    An update is not used when an input is not finite (a NaN or an infinity in ``grads``
+    or in ``grad_stats.mean``/``var`` of a calibrated leaf; float32 variances overflow at
+    gradient scales above ~1e19), when ``grad_stats.count`` is not positive, when a
+    variance of a calibrated leaf is negative, or when an output (the updates, the
+    diagnostics) is not finite. It then returns ``grads`` unchanged, the state keeps its
+    previous diagnostics, and ``state.finite`` is False (``state.nonfinite_count`` counts
+    such updates). A NaN in ``grads`` therefore reaches the next transform:
+    ``optax.chain(bj.bogc(S), optax.apply_if_finite(optax.adam(lr), max_consecutive_errors))``
+    skips that step, and bogc's own state is never poisoned.
+
+    Inside ``optax.masked``, ``optax.multi_transform`` or ``optax.partition`` the
+    statistics of the leaves masked out there are ignored (they pass untouched).
 
     Memory is ``O(S x P)``: every intermediate has at most a leading source axis.
 
@@ -243,16 +271,25 @@ def bogc(
     validation.check_choice("bogc", "aggregation", aggregation, AGGREGATIONS)
     validation.check_choice("bogc", "noise", noise, NOISE_SCALES)
     validation.check_number(
-        "bogc", "kappa", kappa, fix="kappa = 0 gives the fixed-weight sum; 1 is the default."
+        "bogc",
+        "kappa",
+        kappa,
+        finite=True,
+        fix="kappa = 0 gives the fixed-weight sum; 1 is the default.",
     )
     validation.check_number(
-        "bogc", "gamma", gamma, fix="gamma = 0 gives the fixed-weight sum; 1 is the default."
+        "bogc",
+        "gamma",
+        gamma,
+        finite=True,
+        fix="gamma = 0 gives the fixed-weight sum; 1 is the default.",
     )
     validation.check_number(
         "bogc",
         "prior_weight",
         prior_weight,
         strict=True,
+        finite=True,
         fix="It is the prior weight W of each opinion; 1 is the default.",
     )
     validation.check_number(
@@ -260,28 +297,36 @@ def bogc(
         "eps",
         eps,
         strict=True,
+        finite=True,
         fix="It is the relative variance floor; 1e-3 is the default.",
+    )
+    hyper = dict(
+        kappa=kappa,
+        gamma=gamma,
+        prior_weight=prior_weight,
+        eps=eps,
+        aggregation=aggregation,
+        noise=noise,
     )
 
     def init_fn(params):
+        if is_params_placeholder(params):  # optax.tree.map_params: no parameter copies
+            return BogcState(jnp.zeros([]), jnp.zeros([]), *initial_flags())
         weights = jax.tree.map(lambda _: jnp.zeros((num_sources,), jnp.float32), params)
         uncertainty = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-        return BogcState(weights, uncertainty, *validation.initial_flags())
+        return BogcState(weights, uncertainty, *initial_flags())
 
-    def update_fn(
-        updates, state, params=None, *, grad_stats: GradStats | None = None, **extra_args
-    ):
+    def core(updates, state, params=None, *, grad_stats: GradStats | None = None, **extra_args):
         del params, extra_args
+        flat_grads, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
         if aggregation == "sum":
-            ones = jax.tree.map(lambda _: jnp.ones((num_sources,), jnp.float32), updates)
-            new_state = BogcState(
-                ones,
-                jax.tree.map(jnp.zeros_like, state.uncertainty),
-                state.finite,
-                state.nonfinite_count,
+            weights = [_keep_masked(g, jnp.ones((num_sources,), jnp.float32)) for g in flat_grads]
+            uncertainties = [_keep_masked(g, jnp.zeros((), jnp.float32)) for g in flat_grads]
+            new_state = state._replace(
+                source_weights=jax.tree.unflatten(treedef, weights),
+                uncertainty=jax.tree.unflatten(treedef, uncertainties),
             )
-            return updates, validation.guard_state(validation.all_finite(updates), new_state, state)
-        flat_grads, treedef = jax.tree.flatten(updates)
+            return Step(updates, new_state, inputs=(updates,))
         stats_means, stats_vars, calibrate = _check_stats(
             grad_stats, updates, treedef, num_sources, mask
         )
@@ -290,65 +335,92 @@ def bogc(
             "grads",
             updates,
             only=calibrate,
+            is_leaf=_is_masked,
             fix="Calibrated leaves need floating gradients; set mask to False there.",
         )
-        chosen = [x for x, on in zip(stats_means + stats_vars, calibrate + calibrate) if on]
-        count = jnp.asarray(grad_stats.count)
-        finite = validation.all_finite(updates, chosen, count) & (count > 0)
+        count = jnp.asarray(cast(GradStats, grad_stats).count)  # not None: checked above
+        chosen_vars = [v for v, on in zip(stats_vars, calibrate) if on]
+        chosen = [m for m, on in zip(stats_means, calibrate) if on] + chosen_vars
+        valid = (count > 0) & _all_non_negative(chosen_vars)
         new_grads, weights, uncertainties = [], [], []
         for g, mean, var, on in zip(flat_grads, stats_means, stats_vars, calibrate):
             if not on:
                 new_grads.append(g)
-                weights.append(jnp.zeros((num_sources,), jnp.float32))
-                uncertainties.append(jnp.zeros((), jnp.float32))
+                weights.append(_keep_masked(g, jnp.zeros((num_sources,), jnp.float32)))
+                uncertainties.append(_keep_masked(g, jnp.zeros((), jnp.float32)))
                 continue
-            calibrated, w, u = _calibrate_leaf(
-                mean,
-                var,
-                count,
-                kappa=kappa,
-                gamma=gamma,
-                prior_weight=prior_weight,
-                eps=eps,
-                aggregation=aggregation,
-                noise=noise,
-            )
-            # A non-finite input: fall back to the incoming gradient (see the docstring).
-            new_grads.append(jnp.where(finite, calibrated.astype(g.dtype), g))
+            delta, w, u = _calibration(mean, var, count, **hyper)
+            new_grads.append((g + delta).astype(g.dtype))
             weights.append(w)
             uncertainties.append(u)
-        new_state = BogcState(
-            jax.tree.unflatten(treedef, weights),
-            jax.tree.unflatten(treedef, uncertainties),
-            state.finite,
-            state.nonfinite_count,
+        new_state = state._replace(
+            source_weights=jax.tree.unflatten(treedef, weights),
+            uncertainty=jax.tree.unflatten(treedef, uncertainties),
         )
-        return (
-            jax.tree.unflatten(treedef, new_grads),
-            validation.guard_state(finite, new_state, state),
-        )
+        new_updates = jax.tree.unflatten(treedef, new_grads)
+        return Step(new_updates, new_state, inputs=(updates, chosen, count), valid=valid)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, finite_guarded(core))
+
+
+def _is_masked(x) -> bool:
+    """A leaf that ``optax.masked`` (or ``multi_transform``) hid from this transform."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def _keep_masked(leaf, value):
+    return leaf if _is_masked(leaf) else value
+
+
+def _all_non_negative(trees) -> jax.Array:
+    flags = [jnp.all(v >= 0) for v in trees]
+    return jnp.stack(flags).all() if flags else jnp.ones([], bool)
+
+
+def _mask_flags(mask, updates, treedef) -> list[bool]:
+    """The user's ``mask`` as one Python bool per leaf (``optax.masked``'s hidden: False)."""
+    mask_tree = mask(updates) if callable(mask) else mask
+    try:
+        flags = treedef.flatten_up_to(mask_tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"bogc: mask must be a pytree of booleans with the params' structure {treedef}. ({err})"
+        ) from err
+    paths = validation.leaf_paths(updates, is_leaf=_is_masked)
+    checked = []
+    for path, flag in zip(paths, flags):
+        if _is_masked(flag):
+            checked.append(False)
+            continue
+        if isinstance(flag, (bool, np.bool_)) or (
+            isinstance(flag, (np.ndarray, jax.Array))
+            and np.shape(flag) == ()
+            and flag.dtype == bool
+            and not validation.is_traced(flag)
+        ):
+            checked.append(bool(flag))
+            continue
+        raise TypeError(
+            f"bogc: mask{path} is {flag!r} of type {type(flag).__name__}; every leaf of mask "
+            "must be a Python bool (True: calibrate the leaf, False: pass it through). A "
+            "string such as 'False' is not a bool."
+        )
+    return checked
 
 
 def _check_stats(grad_stats, updates, treedef, num_sources, mask):
     """Validate ``grad_stats`` against ``updates``; return per-leaf means, vars, flags."""
     means, variances = validation.grad_stats_leaves("bogc", grad_stats, treedef)
+    leaves = treedef.flatten_up_to(updates)
     if mask is None:
         calibrate = [m is not None for m in means]
     else:
-        mask_tree = mask(updates) if callable(mask) else mask
-        try:
-            calibrate = [bool(m) for m in treedef.flatten_up_to(mask_tree)]
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                f"bogc: mask must be a pytree of booleans with the params' structure "
-                f"{treedef}. ({err})"
-            ) from err
+        calibrate = _mask_flags(mask, updates, treedef)
+    calibrate = [on and not _is_masked(g) for on, g in zip(calibrate, leaves)]
     validation.check_grad_stats_leaves(
         "bogc",
-        validation.leaf_paths(updates),
-        jax.tree.leaves(updates),
+        validation.leaf_paths(updates, is_leaf=_is_masked),
+        leaves,
         means,
         variances,
         calibrate,

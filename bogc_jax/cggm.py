@@ -24,7 +24,7 @@ for the model and Adam 5e-4 for the auxiliary classifiers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +32,12 @@ import optax
 
 from bogc_jax import labels as labels_lib
 from bogc_jax import validation
+from bogc_jax._finite import Step, finite_guarded, initial_flags
+from bogc_jax._types import CGGM_MODES as _MODES
+from bogc_jax._types import DIRECTIONS as _DIRECTIONS
+from bogc_jax._types import CggmMode as Mode
+from bogc_jax._types import Direction, ParamLabels
 
-PyTree = Any
-Mode = Literal["stable", "reference"]
-Direction = Literal["gradients", "weights"]
-
-_MODES = ("stable", "reference")
-_DIRECTIONS = ("gradients", "weights")
 REFERENCE_GUARD = 1e-8
 """The official code's only guard on ``sum_k d_k`` (added to the sum)."""
 _SMOOTHING_FIX = (
@@ -58,10 +57,11 @@ class CggmState(NamedTuple):
       improvements: ``[M]`` float32, ``d`` of the latest update.
       coefficients: ``[M]`` float32, ``B`` of the latest update (zeros before the first
         update); encoder ``i``'s gradient was scaled by ``rho * coefficients[i]``.
-      finite: ``[]`` bool, whether the latest update's inputs (``modality_scores`` and the
-        gradients) were all finite. When False, that update returned the gradients
-        unchanged and every field above kept its value (``step`` included).
-      nonfinite_count: ``[]`` int32, the number of updates so far with non-finite inputs.
+      finite: ``[]`` bool, whether the latest update was used: its inputs
+        (``modality_scores`` and the gradients) and its outputs (updates and the fields
+        above) were all finite. When False, that update returned the gradients unchanged
+        and every field above kept its value (``step`` included).
+      nonfinite_count: ``[]`` int32, the number of updates so far that were not used.
     """
 
     step: jax.Array
@@ -137,7 +137,8 @@ def cggm_coefficients(
 
 
 def cggm(
-    param_labels: labels_lib.ParamLabels,
+    param_labels: ParamLabels,
+    *,
     rho: float = 1.3,
     mode: Mode = "stable",
     smoothing: float = 1e-2,
@@ -169,18 +170,20 @@ def cggm(
     Degenerate and non-finite inputs. Scores that do not change (or are all zero) give
     ``d = 0``: ``B_i = (M - 1)/M`` ("stable") or ``B_i = 1`` ("reference"), finite. If
     ``modality_scores`` or the gradients hold a NaN or an infinity (on any device, with
-    ``axis_name``), the update returns the gradients unchanged, the state keeps its
-    previous value (so the next update compares against the last finite scores), and
-    ``state.finite`` is False (``state.nonfinite_count`` counts such updates). A NaN
-    gradient thus reaches the next transform: ``optax.chain(bj.cggm(labels),
-    optax.apply_if_finite(optax.adam(lr), max_consecutive_errors))`` skips the step.
+    ``axis_name``), or the scaled gradients overflow, the update returns the gradients
+    unchanged, the state keeps its previous value (so the next update compares against
+    the last finite scores), and ``state.finite`` is False (``state.nonfinite_count``
+    counts such updates). Scores of :mod:`bogc_jax.metrics` computed from NaN logits are
+    NaN, so they are flagged the same way. A NaN gradient thus reaches the next
+    transform: ``optax.chain(bj.cggm(labels), optax.apply_if_finite(optax.adam(lr),
+    max_consecutive_errors))`` skips the step.
 
     Args:
       param_labels: pytree (or callable ``params -> pytree``) of ``int | None`` like
         ``optax.partition``'s labels: modality index of each parameter's encoder, ``None``
         for shared parameters. ``M`` = largest label + 1 (at least 2). See
-        :func:`bogc_jax.label_params`. Under ``optax.inject_hyperparams`` a callable must be
-        listed in ``static_args``.
+        :func:`bogc_jax.label_params`. Under ``optax.inject_hyperparams`` list it in
+        ``static_args=("param_labels",)``.
       rho: the paper's ``rho`` (official default 1.3).
       mode: ``"stable"`` (default) or ``"reference"``.
       smoothing: ``"stable"`` only; see :func:`cggm_coefficients`.
@@ -217,24 +220,30 @@ def cggm(
         "rho",
         rho,
         strict=True,
+        finite=True,
         fix="rho scales every encoder's gradient by rho * B_i; the "
         "official values are 1.3 and 1.0.",
     )
     if mode == "stable":
-        validation.check_number("cggm", "smoothing", smoothing, strict=True, fix=_SMOOTHING_FIX)
+        validation.check_number(
+            "cggm", "smoothing", smoothing, strict=True, finite=True, fix=_SMOOTHING_FIX
+        )
+    validation.check_static_labels("cggm", param_labels)
 
     def init_fn(params):
-        m = labels_lib.num_modalities(labels_lib.leaf_labels(param_labels, params))
-        zeros = jnp.zeros([m], jnp.float32)
+        m = labels_lib.modality_count(param_labels, params)
+        # One buffer per field, so that the state can be donated to jit.
         return CggmState(
-            jnp.zeros([], jnp.int32), zeros, zeros, zeros, zeros, *validation.initial_flags()
+            jnp.zeros([], jnp.int32),
+            *(jnp.zeros([m], jnp.float32) for _ in range(4)),
+            *initial_flags(),
         )
 
-    def update_fn(updates, state, params=None, *, modality_scores=None, **extra_args):
+    def core(updates, state, params=None, *, modality_scores=None, **extra_args):
         del params, extra_args
         leaf_labels = labels_lib.leaf_labels(param_labels, updates)
         m = state.scores.shape[0]
-        scores, finite = validation.modality_update_inputs(
+        scores = validation.modality_update_inputs(
             "cggm", leaf_labels, updates, modality_scores, m, axis_name
         )
         previous = state.scores
@@ -245,24 +254,19 @@ def cggm(
         scale = rho * coefficients
 
         def scale_leaf(label, g):
-            if label is None:
-                return g
-            # A non-finite input: the gradient passes unchanged (see the docstring).
-            return jnp.where(finite, g * scale[label].astype(g.dtype), g)
+            return g if label is None else g * scale[label].astype(g.dtype)
 
-        updates = labels_lib.map_labelled(scale_leaf, leaf_labels, updates)
-        new_state = CggmState(
+        new_state = state._replace(
             step=optax.safe_increment(state.step),
             previous_scores=previous,
             scores=scores,
             improvements=improvements,
             coefficients=coefficients.astype(jnp.float32),
-            finite=state.finite,
-            nonfinite_count=state.nonfinite_count,
         )
-        return updates, validation.guard_state(finite, new_state, state)
+        new_updates = labels_lib.map_labelled(scale_leaf, leaf_labels, updates)
+        return Step(new_updates, new_state, inputs=(scores, updates), axis_name=axis_name)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, finite_guarded(core))
 
 
 def _cosine(a: jax.Array, b: jax.Array, direction: Direction) -> jax.Array:

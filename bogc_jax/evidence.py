@@ -14,10 +14,9 @@ The chain, for coordinate ``d`` and source ``s`` in ``T_d``:
     b[s,d]   = e / (e + W),   u[s,d] = W / (e + W)                    opinion
 
 Each source's opinion is a simple support function on the frame ``T_d``: mass ``b`` on
-the singleton ``{s}`` and ``u`` on the whole frame ``Theta``. With
-``bogc(noise="relative")``, ``mu[s]`` and ``v[s]`` first become ``mu[s] / sqrt(p_s)`` and
-``v[s] / p_s``, ``p_s`` the source's mean squared gradient over the leaf. Opinions are fused with the
-reduced Dempster rule (Han et al., ICLR 2021).
+the singleton ``{s}`` and ``u`` on the whole frame ``Theta``; opinions are fused with the
+reduced Dempster rule (Han et al., ICLR 2021). :func:`log_evidence` and the ``*_log``
+fusions compute the same chain in log space, where no evidence overflows.
 """
 
 from __future__ import annotations
@@ -26,32 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from bogc_jax import validation
+from bogc_jax._sources import max_over_sources as _max_over_sources
+from bogc_jax._sources import sum_over_sources
 
 Array = jax.Array
-
-
-def sum_over_sources(x: Array) -> Array:
-    """``sum_s x[s]`` as ``S - 1`` elementwise additions.
-
-    The same value as ``jnp.sum(x, axis=0)``; XLA:CPU reduces a short leading axis over a
-    long array an order of magnitude slower than it adds ``S`` arrays.
-
-    Example:
-      >>> import jax.numpy as jnp, bogc_jax as bj
-      >>> bj.evidence.sum_over_sources(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).tolist()
-      [9.0, 12.0]
-    """
-    total = x[0]
-    for s in range(1, x.shape[0]):
-        total = total + x[s]
-    return total
-
-
-def _max_over_sources(x: Array) -> Array:
-    top = x[0]
-    for s in range(1, x.shape[0]):
-        top = jnp.maximum(top, x[s])
-    return top
 
 
 def _count(touched: Array, dtype) -> Array:
@@ -184,7 +161,8 @@ def evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0)
       gamma: sharpness, >= 0.
 
     Returns:
-      ``[S, ...]`` non-negative evidence.
+      ``[S, ...]`` non-negative evidence. It overflows float32 once
+      ``gamma * log |T_d|`` passes 88; :func:`log_evidence` does not.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -192,11 +170,46 @@ def evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0)
       >>> bj.evidence.evidence(lam, jnp.ones((2, 2), bool), kappa=2.0).tolist()
       [[3.0, 2.0], [1.0, 2.0]]
     """
-    validation.check_number("evidence", "kappa", kappa)
-    validation.check_number("evidence", "gamma", gamma)
+    validation.check_number("evidence", "kappa", kappa, finite=True)
+    validation.check_number("evidence", "gamma", gamma, finite=True)
     mean_lam = touched_mean(lam, touched)
     ratio = lam / jnp.where(mean_lam > 0, mean_lam, 1)
     return jnp.where(touched, kappa * jnp.power(ratio, gamma), 0.0)
+
+
+def log_evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 1.0) -> Array:
+    """The logarithm of :func:`evidence`, which cannot overflow.
+
+    ``log e[s, d] = log kappa + gamma * log(lam[s, d] / mean_{s' in T_d} lam[s', d])`` for
+    ``s`` in ``T_d``, ``-inf`` otherwise (and everywhere when ``kappa = 0``). The ratio is
+    at most ``|T_d|``, so ``e`` overflows float32 once ``gamma * log |T_d|`` passes 88
+    (``S = 3, gamma = 100``); its logarithm stays finite.
+
+    Args:
+      lam: ``[S, ...]`` precisions (0 where not touched).
+      touched: ``[S, ...]`` booleans.
+      kappa: strength, >= 0 and finite.
+      gamma: sharpness, >= 0 and finite.
+
+    Returns:
+      ``[S, ...]`` log-evidence, ``-inf`` where there is none.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> lam = jnp.array([[3.0, 1.0], [1.0, 1.0]])
+      >>> log_e = bj.evidence.log_evidence(lam, jnp.ones((2, 2), bool), gamma=300.0)
+      >>> [[round(x, 2) for x in row] for row in log_e.tolist()]  # e[0, 0] = 1.5**300
+      [[121.64, 0.0], [-207.94, 0.0]]
+    """
+    validation.check_number("log_evidence", "kappa", kappa, finite=True)
+    validation.check_number("log_evidence", "gamma", gamma, finite=True)
+    mean_lam = touched_mean(lam, touched)
+    ratio = lam / jnp.where(mean_lam > 0, mean_lam, 1)
+    positive = touched & (ratio > 0)
+    log_ratio = jnp.log(jnp.where(positive, ratio, 1))
+    sharpness = jnp.asarray(gamma, lam.dtype)
+    scaled = jnp.where(positive, sharpness * log_ratio, jnp.where(sharpness == 0, 0.0, -jnp.inf))
+    return jnp.where(touched, jnp.log(jnp.asarray(kappa, lam.dtype)) + scaled, -jnp.inf)
 
 
 def simple_support_opinion(e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
@@ -330,6 +343,41 @@ def fuse_simple_supports(e: Array, prior_weight: float = 1.0) -> tuple[Array, Ar
     return e / total, prior_weight / total
 
 
+def fuse_log_simple_supports(log_e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
+    """:func:`fuse_simple_supports` from log-evidence (:func:`log_evidence`), overflow-free.
+
+    With ``c = max(log W, max_t log e_t)``:
+
+        m({s})   = exp(log e_s - c) / (exp(log W - c) + sum_t exp(log e_t - c))
+        m(Theta) = exp(log W - c)   / (exp(log W - c) + sum_t exp(log e_t - c))
+
+    the same masses as ``e_s / (W + sum_t e_t)`` and ``W / (W + sum_t e_t)``; every
+    exponent is <= 0 and the denominator >= 1, so nothing overflows.
+
+    Args:
+      log_e: ``[S, ...]`` log-evidence (``-inf`` for vacuous sources).
+      prior_weight: ``W > 0``.
+
+    Returns:
+      ``(m, m_theta)``: ``[S, ...]`` and ``[...]``.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> m, m_theta = bj.evidence.fuse_log_simple_supports(jnp.log(jnp.array([1.0, 3.0])))
+      >>> [round(x, 4) for x in m.tolist()], round(float(m_theta), 4)
+      ([0.2, 0.6], 0.2)
+    """
+    validation.check_number(
+        "fuse_log_simple_supports", "prior_weight", prior_weight, strict=True, finite=True
+    )
+    log_w = jnp.log(jnp.asarray(prior_weight, log_e.dtype))
+    top = jnp.maximum(_max_over_sources(log_e), log_w)
+    supports = jnp.exp(log_e - top)
+    theta = jnp.exp(log_w - top)
+    total = theta + sum_over_sources(supports)
+    return supports / total, theta / total
+
+
 def pignistic_weights(m: Array, m_theta: Array, touched: Array) -> Array:
     """Pignistic source weights ``w[s, d] = m_d({s}) + m_d(Theta) / |T_d|`` on ``T_d``.
 
@@ -372,6 +420,35 @@ def dirichlet_opinion(e: Array) -> tuple[Array, Array]:
     frame_size = e[0].size
     strength = jnp.sum(e, axis=frame_axes, keepdims=True) + frame_size
     return e / strength, frame_size / strength
+
+
+def dirichlet_opinion_from_log(log_e: Array) -> tuple[Array, Array]:
+    """:func:`dirichlet_opinion` from log-evidence (:func:`log_evidence`), overflow-free.
+
+    With ``K`` the frame size and ``c_s = max(log K, max_d log e[s, d])``:
+    ``b[s, d] = exp(log e[s, d] - c_s) / Z_s``, ``u_s = exp(log K - c_s) / Z_s``,
+    ``Z_s = exp(log K - c_s) + sum_d exp(log e[s, d] - c_s)``: the same opinion as
+    ``e / (sum e + K)`` and ``K / (sum e + K)``.
+
+    Args:
+      log_e: ``[S, ...]`` log-evidence.
+
+    Returns:
+      ``(b, u)`` as :func:`dirichlet_opinion`.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> b, u = bj.evidence.dirichlet_opinion_from_log(jnp.log(jnp.array([[2.0, 0.0]])))
+      >>> b.tolist(), u.tolist()
+      ([[0.5, 0.0]], [[0.5]])
+    """
+    frame_axes = tuple(range(1, log_e.ndim))
+    log_k = jnp.log(jnp.asarray(log_e[0].size, log_e.dtype))
+    top = jnp.maximum(jnp.max(log_e, axis=frame_axes, keepdims=True), log_k)
+    supports = jnp.exp(log_e - top)
+    vacuous = jnp.exp(log_k - top)
+    strength = jnp.sum(supports, axis=frame_axes, keepdims=True) + vacuous
+    return supports / strength, vacuous / strength
 
 
 def belief_shares(beliefs: Array, uncertainties: Array) -> Array:

@@ -23,13 +23,12 @@ pytrees and for Flax NNX modules alike.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
+import numpy as np
 
-PyTree = Any
-Label = Union[int, None]
-ParamLabels = Union[PyTree, Callable[[PyTree], PyTree]]
+from bogc_jax._types import Label, ParamLabels, PyTree, is_params_placeholder
 
 INDEX = "index"
 """Rule value for :func:`label_params`: label = the integer key that follows the prefix."""
@@ -56,7 +55,14 @@ def _path_str(path) -> str:
 def _check_label(label, where: str, argname: str) -> Label:
     if label is None:
         return None
-    if isinstance(label, bool) or not hasattr(label, "__index__"):
+    if np.ndim(label) != 0:
+        raise TypeError(
+            f"{argname}{where} is an array of shape {np.shape(label)}; every leaf of "
+            f"{argname} must be one modality index (int >= 0) or None (a shared parameter), "
+            "for the whole parameter array. To label parts of a parameter differently, "
+            "split it into separate parameters."
+        )
+    if isinstance(label, (bool, np.bool_)) or not hasattr(label, "__index__"):
         raise TypeError(
             f"{argname}{where} is {label!r} of type {type(label).__name__}; every leaf of "
             f"{argname} must be a modality index (int >= 0) or None (a shared parameter)."
@@ -113,7 +119,7 @@ def leaf_labels(
         (path, _check_label(label, jax.tree_util.keystr(path), argname)) for path, label in flat
     ]
     try:
-        subtrees = treedef.flatten_up_to(tree)
+        subtrees = treedef.flatten_up_to(tree)  # type: ignore[attr-defined]
     except (ValueError, TypeError):
         subtrees = None
     if subtrees is not None:
@@ -151,7 +157,7 @@ def num_modalities(labels: Sequence[Label], argname: str = "param_labels", minim
       >>> bj.labels.num_modalities([0, None, 2, 1])
       3
     """
-    used = sorted({l for l in labels if l is not None})
+    used = sorted({label for label in labels if label is not None})
     if not used or used[-1] + 1 < minimum:
         raise ValueError(
             f"{argname} label the parameters with modalities {used}; at least {minimum} "
@@ -171,6 +177,22 @@ def num_modalities(labels: Sequence[Label], argname: str = "param_labels", minim
     return used[-1] + 1
 
 
+def modality_count(param_labels: ParamLabels, params: PyTree, argname: str = "param_labels") -> int:
+    """``M`` for a transform's ``init``: :func:`num_modalities` of the labels of ``params``.
+
+    Under ``optax.tree.map_params`` (whose stand-in params carry no labels) it returns 2: the
+    states of the modality transforms hold no parameter copies, only their structure matters.
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> bj.labels.modality_count({"a": 0, "b": 1}, {"a": jnp.ones(2), "b": jnp.ones(3)})
+      2
+    """
+    if is_params_placeholder(params):
+        return 2
+    return num_modalities(leaf_labels(param_labels, params, argname), argname)
+
+
 def map_labelled(
     fn: Callable[..., Any], labels: Sequence[Label], tree: PyTree, *rest: PyTree
 ) -> PyTree:
@@ -185,7 +207,7 @@ def map_labelled(
       {'audio': [2.0, 2.0], 'head': [1.0, 1.0]}
     """
     leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    rest_leaves = [treedef.flatten_up_to(r) for r in rest]  # type: ignore[attr-defined]
     out = [fn(label, leaf, *others) for label, leaf, *others in zip(labels, leaves, *rest_leaves)]
     return jax.tree.unflatten(treedef, out)
 
@@ -199,6 +221,33 @@ def _as_param_tree(params_or_model, wrt):
     if isinstance(params_or_model, nnx.Module):
         return nnx.as_pure(nnx.state(params_or_model, nnx.Param if wrt is None else wrt))
     return params_or_model
+
+
+def _check_not_a_schedule_count(tree) -> None:
+    """A bare integer scalar where params belong: ``inject_hyperparams`` called the labels."""
+    if (
+        isinstance(tree, jax.Array)
+        and tree.ndim == 0
+        and jax.numpy.issubdtype(tree.dtype, jax.numpy.integer)
+    ):
+        raise TypeError(
+            "label_params: params is an integer scalar, not a parameter tree. Under "
+            "optax.inject_hyperparams a callable param_labels is taken for a schedule and "
+            "called with the step count; list it in static_args, e.g. "
+            'optax.inject_hyperparams(bj.cggm, static_args=("param_labels",)).'
+        )
+
+
+def _dotted_rule_hint(rules, unused) -> str:
+    """How to write a rule for a key containing '.', when such a rule matched nothing."""
+    dotted = [r for r in rules if isinstance(r, str) and "." in r and _split_rule(r) in unused]
+    if not dotted:
+        return ""
+    return (
+        f" A '.' in a rule separates keys like '/', so {dotted[0]!r} is read as "
+        f"{_split_rule(dotted[0])}; for a key that itself contains '.', give the rule as a "
+        f"tuple of keys, e.g. {(dotted[0],)!r}."
+    )
 
 
 def _split_rule(rule) -> tuple[str, ...]:
@@ -247,12 +296,22 @@ def label_params(
       {'encoders': [{'w': 0}, {'w': 1}], 'head': {'w': None}}
     """
     tree = _as_param_tree(params, wrt)
-    parsed = {}
+    _check_not_a_schedule_count(tree)
+    parsed: dict[tuple[str, ...], Any] = {}
+    spelled: dict[tuple[str, ...], Any] = {}
     for rule, label in rules.items():
         prefix = _split_rule(rule)
-        if label != INDEX:
+        if not (isinstance(label, str) and label == INDEX):
             label = _check_label(label, f"[{rule!r}]", "rules")
+        if prefix in parsed and parsed[prefix] != label:
+            raise ValueError(
+                f"label_params: rules {spelled[prefix]!r} and {rule!r} name the same path "
+                f"{'/'.join(prefix)!r} with different labels ({parsed[prefix]!r} and "
+                f"{label!r}); which one applies would depend on their order. Keep one rule "
+                "per path."
+            )
         parsed[prefix] = label
+        spelled[prefix] = rule
     used = set()
     unlabelled = []
 
@@ -282,21 +341,23 @@ def label_params(
         return label
 
     labels = jax.tree_util.tree_map_with_path(label_leaf, tree)
+    unused = [p for p in parsed if p not in used]
+    hint = _dotted_rule_hint(rules, unused)
     if unlabelled:
         shown = ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else "")
         raise ValueError(
             f"label_params: {len(unlabelled)} parameter(s) match no rule: {shown}. Add a rule "
             "for them (an int for a modality's encoder, None for shared parameters such as "
             "{'head': None}), or pass default=None to treat every unmatched parameter as "
-            "shared."
+            f"shared.{hint}"
         )
-    unused = [("/".join(p) or "<root>") for p in parsed if p not in used]
     if unused:
         top = sorted(
             {_key_str(path[0]) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0] if path}
         )
         raise ValueError(
-            f"label_params: rule(s) {unused} match no parameter; the parameters' top-level "
-            f"keys are {top}. Check the spelling of the prefix."
+            f"label_params: rule(s) {[('/'.join(p) or '<root>') for p in unused]} match no "
+            f"parameter; the parameters' top-level keys are {top}. Check the spelling of the "
+            f"prefix.{hint}"
         )
     return labels

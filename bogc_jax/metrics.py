@@ -6,7 +6,14 @@ numerator and the denominator are each summed over devices with ``jax.lax.psum``
 dividing, so the score of a split batch equals the score of the whole batch, whatever the
 per-device batch sizes or masks (averaging per-device ratios would not). Under ``jit``
 with sharded global arrays no ``axis_name`` is needed. A batch with no counted example
-scores 0 (never NaN).
+scores 0.
+
+Domain: every score lies in ``[0, 1]``. A score is NaN when a counted example (``where``
+non-zero) has a non-finite logit or prediction, or (for :func:`accuracy` with logits and
+:func:`confidence`) a label outside ``[0, C)``: the transforms then flag the update
+(``state.finite`` False) and skip it, instead of acting on a meaningless score. Examples
+masked out with ``where`` are ignored entirely, whatever they hold (padding with label
+``C`` or ``-100`` is fine there).
 
 - :func:`accuracy`: fraction of correct class predictions (CGGM on IEMOCAP, Food-101).
 - :func:`sign_accuracy`: binary accuracy of a regression's sign, positive vs
@@ -48,10 +55,46 @@ def _weights(where, shape, argname: str = "where") -> jax.Array:
     return where.astype(jnp.float32)
 
 
+def _counted(w: jax.Array, values: jax.Array) -> jax.Array:
+    """``sum_n w_n values_n`` over the counted examples only (a masked-out NaN is ignored)."""
+    return jnp.sum(jnp.where(w != 0, w * values, 0.0))
+
+
+def _poison(x: jax.Array, w: jax.Array) -> jax.Array:
+    """NaN if a counted example (``w != 0``) has a non-finite entry in ``x``, else 0.
+
+    ``x`` has ``w``'s shape as its leading axes. Added to a score's numerator, it makes the
+    score NaN, on every device when the numerator is summed with ``axis_name``.
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros([], jnp.float32)
+    bad = ~jnp.isfinite(x).reshape(x.shape[: w.ndim] + (-1,))
+    return jnp.where(jnp.any(jnp.any(bad, axis=-1) & (w != 0)), jnp.nan, 0.0)
+
+
+def _label_poison(labels: jax.Array, num_classes: int, w: jax.Array) -> jax.Array:
+    """NaN if a counted example's label is outside ``[0, num_classes)``, else 0."""
+    outside = (labels < 0) | (labels >= num_classes)
+    return jnp.where(jnp.any(outside & (w != 0)), jnp.nan, 0.0)
+
+
 def _class_predictions(logits: jax.Array, labels: jax.Array, class_axis: int, fn: str) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim == labels.ndim + 1:
-        return jnp.argmax(logits, axis=class_axis)
+        predictions = jnp.argmax(logits, axis=class_axis)
+        if predictions.shape != labels.shape:
+            hint = (
+                " For channels-first logits ([B, C, *spatial], PyTorch's layout) pass class_axis=1."
+                if fn == "dice"
+                else ""
+            )
+            raise ValueError(
+                f"{fn}: logits of shape {logits.shape} with the classes on axis {class_axis} "
+                f"give predictions of shape {predictions.shape}, but labels have shape "
+                f"{labels.shape}.{hint}"
+            )
+        return predictions
     if logits.shape == labels.shape and jnp.issubdtype(logits.dtype, jnp.integer):
         return logits
     raise ValueError(
@@ -77,7 +120,8 @@ def accuracy(
       axis_name: sum the counts over this mapped axis (batch split over devices).
 
     Returns:
-      Scalar float32 in ``[0, 1]``.
+      Scalar float32 in ``[0, 1]``; NaN when a counted example has a non-finite logit or
+      (with logits) a label outside ``[0, C)``.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -89,7 +133,10 @@ def accuracy(
     predictions = _class_predictions(logits, labels, -1, "accuracy")
     w = _weights(where, labels.shape)
     correct = (predictions == labels).astype(jnp.float32)
-    return _ratio(jnp.sum(w * correct), jnp.sum(w), axis_name)
+    total = _counted(w, correct) + _poison(logits, w)
+    if jnp.ndim(logits) == labels.ndim + 1:
+        total = total + _label_poison(labels, jnp.shape(logits)[-1], w)
+    return _ratio(total, jnp.sum(w), axis_name)
 
 
 def sign_accuracy(
@@ -116,7 +163,7 @@ def sign_accuracy(
       axis_name: sum the counts over this mapped axis.
 
     Returns:
-      Scalar float32 in ``[0, 1]``.
+      Scalar float32 in ``[0, 1]``; NaN when a counted prediction or target is not finite.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -135,7 +182,8 @@ def sign_accuracy(
     if exclude_zero:
         w = w * (targets != 0).astype(jnp.float32)
     agree = ((predictions > 0) == (targets > 0)).astype(jnp.float32)
-    return _ratio(jnp.sum(w * agree), jnp.sum(w), axis_name)
+    total = _counted(w, agree) + _poison(predictions, w) + _poison(targets, w)
+    return _ratio(total, jnp.sum(w), axis_name)
 
 
 def dice(
@@ -173,7 +221,7 @@ def dice(
       axis_name: sum the per-example totals and the counts over this mapped axis.
 
     Returns:
-      Scalar float32 in ``[0, 1]``.
+      Scalar float32 in ``[0, 1]``; NaN when a counted example has a non-finite logit.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -202,15 +250,16 @@ def dice(
     spatial = tuple(range(1, labels.ndim))
     per_group = []
     for group in groups:
-        group = jnp.asarray(tuple(group), labels.dtype)
-        p = jnp.isin(predictions, group).astype(jnp.float32)
-        t = jnp.isin(labels, group).astype(jnp.float32)
+        members = jnp.asarray(tuple(group), labels.dtype)
+        p = jnp.isin(predictions, members).astype(jnp.float32)
+        t = jnp.isin(labels, members).astype(jnp.float32)
         inter = jnp.sum(p * t, axis=spatial) + eps
         union = jnp.sum(p, axis=spatial) + jnp.sum(t, axis=spatial) + 2 * eps
         per_group.append(2 * inter / union)
     per_example = jnp.mean(jnp.stack(per_group), axis=0)  # [B]
     w = _weights(where, labels.shape[:1])
-    return _ratio(jnp.sum(w * per_example), jnp.sum(w), axis_name)
+    total = _counted(w, per_example) + _poison(logits, w)
+    return _ratio(total, jnp.sum(w), axis_name)
 
 
 def confidence(
@@ -230,7 +279,8 @@ def confidence(
       axis_name: sum the totals and counts over this mapped axis.
 
     Returns:
-      Scalar float32 in ``[0, 1]``.
+      Scalar float32 in ``[0, 1]``; NaN when a counted example has a non-finite logit or
+      a label outside ``[0, C)`` (a ``-1`` label is not the last class).
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -245,6 +295,10 @@ def confidence(
             f"{labels.shape}); got {logits.shape}."
         )
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    true_prob = jnp.take_along_axis(probs, labels[..., None].astype(jnp.int32), axis=-1)
+    num_classes = logits.shape[-1]
+    inside = (labels >= 0) & (labels < num_classes)
+    index = jnp.where(inside, labels, 0).astype(jnp.int32)
+    true_prob = jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
     w = _weights(where, labels.shape)
-    return _ratio(jnp.sum(w * true_prob[..., 0]), jnp.sum(w), axis_name)
+    total = _counted(w, true_prob) + _poison(logits, w) + _label_poison(labels, num_classes, w)
+    return _ratio(total, jnp.sum(w), axis_name)

@@ -8,15 +8,12 @@ Two kinds of protection, kept apart:
   the value received and the fix. Traced values (hyper-parameters under
   ``optax.inject_hyperparams`` inside ``jit``) cannot be inspected and are skipped.
 - *Run-time values* (a NaN in a gradient, an infinite variance) are only known on the
-  device. The transforms never raise on them: :func:`all_finite` computes one boolean
-  flag per update and :func:`guard_state` keeps the previous state when it is False, so a
-  bad step cannot poison the state, and records the flag in the state (``finite``,
-  ``nonfinite_count``) for users and ``optax.apply_if_finite`` to act on.
+  device. The transforms never raise on them; the non-finite policy of
+  :mod:`bogc_jax._finite` flags and skips such an update.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +21,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 PyTree = Any
 
 _GRAD_STATS_HOWTO = (
     "tx.update(grads, state, params, grad_stats=bj.source_grad_stats(losses_fn, params, batch))"
+    ". If you did pass it: Flax Linen's TrainState.apply_gradients drops extra arguments; "
+    "call state.tx.update yourself (see docs/flax.md)"
 )
 
 
@@ -70,15 +68,22 @@ def _concrete_real(value) -> float | None:
 
 
 def check_number(
-    owner: str, name: str, value, *, minimum: float = 0.0, strict: bool = False, fix: str = ""
+    owner: str,
+    name: str,
+    value,
+    *,
+    minimum: float = 0.0,
+    strict: bool = False,
+    finite: bool = False,
+    fix: str = "",
 ) -> None:
-    """``value >= minimum`` (``> minimum`` when ``strict``), and not NaN.
+    """``value >= minimum`` (``> minimum`` when ``strict``), not NaN (and not inf if ``finite``).
 
     Python numbers and concrete scalar arrays are checked; traced values are skipped (they
     are the hyper-parameters of ``optax.inject_hyperparams`` inside ``jit``).
 
     Raises:
-      ValueError: out of range or NaN. TypeError: not a real number.
+      ValueError: out of range, NaN or infinite. TypeError: not a real number.
     """
     need = f"{'>' if strict else '>='} {minimum:g}"
     try:
@@ -91,11 +96,22 @@ def check_number(
         return
     if x != x or (x <= minimum if strict else x < minimum):  # pylint: disable=comparison-with-itself
         raise ValueError(f"{owner}: {name} must be {need}; got {value!r}. {fix}".rstrip())
+    if finite and x == float("inf"):
+        raise ValueError(
+            f"{owner}: {name} must be a finite number {need}; got {value!r}. {fix}".rstrip()
+        )
 
 
 def check_int(owner: str, name: str, value, *, minimum: int = 1, fix: str = "") -> int:
     """``value`` is a Python (or NumPy) ``int >= minimum``, not a bool or a float."""
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok and isinstance(value, jax.Array):
+        raise ValueError(
+            f"{owner}: {name} must be a Python int; got the array {value!r}. It sets shapes, "
+            f"so it cannot be a traced hyper-parameter: under optax.inject_hyperparams list "
+            f"it in static_args, e.g. optax.inject_hyperparams(bj.{owner}, "
+            f'static_args=("{name}",)).'
+        )
     if not ok or value < minimum:
         raise ValueError(
             f"{owner}: {name} must be an int >= {minimum}; got {value!r}. {fix}".rstrip()
@@ -124,7 +140,13 @@ def is_floating(leaf) -> bool:
 
 
 def check_floating(
-    owner: str, name: str, tree: PyTree, *, only: Sequence[bool] | None = None, fix: str = ""
+    owner: str,
+    name: str,
+    tree: PyTree,
+    *,
+    only: Sequence[bool] | None = None,
+    fix: str = "",
+    is_leaf=None,
 ) -> None:
     """Every (selected) non-``None`` leaf of ``tree`` has a floating dtype.
 
@@ -134,11 +156,12 @@ def check_floating(
       tree: the pytree to check.
       only: one flag per leaf of ``tree``: check only the flagged leaves.
       fix: what to do about it.
+      is_leaf: as in ``jax.tree_util.tree_flatten``.
 
     Raises:
       TypeError: naming the first offending leaf, its dtype and the fix.
     """
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
     only = [True] * len(flat) if only is None else list(only)
     for (path, leaf), on in zip(flat, only):
         if on and leaf is not None and not is_floating(leaf):
@@ -148,9 +171,10 @@ def check_floating(
             )
 
 
-def leaf_paths(tree: PyTree) -> list[str]:
+def leaf_paths(tree: PyTree, is_leaf=None) -> list[str]:
     """``jax.tree_util.keystr`` of every leaf's path, in ``jax.tree.leaves`` order."""
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return [jax.tree_util.keystr(p) for p, _ in flat]
 
 
 def grad_stats_leaves(
@@ -287,9 +311,23 @@ def check_scores(
     return scores.astype(jnp.float32)
 
 
+def check_static_labels(owner: str, param_labels) -> None:
+    """``param_labels`` is labels, not an array (as ``optax.inject_hyperparams`` makes them).
+
+    Raises:
+      TypeError: naming ``static_args=("param_labels",)``.
+    """
+    if isinstance(param_labels, (jax.Array, np.ndarray, int, float)):
+        raise TypeError(
+            f"{owner}: param_labels must be a pytree of labels (or a callable params -> "
+            f"labels); got {param_labels!r}. Under optax.inject_hyperparams list it in "
+            f'static_args: optax.inject_hyperparams(bj.{owner}, static_args=("param_labels",)).'
+        )
+
+
 def check_labels_in_range(owner: str, labels: Sequence[int | None], num_modalities: int) -> None:
     """Every label is below the ``num_modalities`` the state was built for."""
-    bad = sorted({l for l in labels if l is not None and l >= num_modalities})
+    bad = sorted({label for label in labels if label is not None and label >= num_modalities})
     if bad:
         raise ValueError(
             f"{owner}: param_labels has modalities {bad}, but the state was built for "
@@ -320,58 +358,6 @@ def check_num_examples(
         )
 
 
-# ----------------------------------------------------------------------------------------
-# The non-finite guard.
-
-
-def all_finite(*trees: PyTree) -> jax.Array:
-    """``[]`` bool: every floating entry of every tree is finite (``None`` leaves skipped)."""
-    flags = [
-        jnp.all(jnp.isfinite(x))
-        for tree in trees
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(_dtype(x), jnp.inexact)
-    ]
-    return functools.reduce(jnp.logical_and, flags, jnp.ones([], bool))
-
-
-def all_finite_across(finite: jax.Array, axis_name) -> jax.Array:
-    """All devices along ``axis_name`` saw finite inputs (so their states stay equal)."""
-    if axis_name is None:
-        return finite
-    return jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-
-
-def select(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    """``new`` where ``finite``, else ``old``, leaf by leaf, in ``old``'s dtypes."""
-    return jax.tree.map(
-        lambda n, o: jnp.where(finite, jnp.asarray(n).astype(jnp.result_type(o)), o), new, old
-    )
-
-
-def guard_state(finite: jax.Array, new_state, old_state):
-    """The state after an update: ``new_state`` if ``finite``, else ``old_state``.
-
-    Both are NamedTuples ending in the fields ``finite`` (``[]`` bool) and
-    ``nonfinite_count`` (``[]`` int32); whatever ``new_state`` holds there is replaced:
-    ``finite`` records this update's flag and ``nonfinite_count`` counts the updates with
-    non-finite inputs so far. Every other field keeps ``old_state``'s value on a
-    non-finite update, so one bad step cannot poison the state.
-    """
-    count = old_state.nonfinite_count
-    new_state = new_state._replace(finite=old_state.finite, nonfinite_count=count)
-    kept = select(finite, new_state, old_state)
-    return kept._replace(
-        finite=jnp.asarray(finite, bool),
-        nonfinite_count=jnp.where(finite, count, optax.safe_increment(count)),
-    )
-
-
-def initial_flags() -> tuple[jax.Array, jax.Array]:
-    """``(finite, nonfinite_count)`` of a fresh state: ``(True, 0)``."""
-    return jnp.ones([], bool), jnp.zeros([], jnp.int32)
-
-
 def modality_update_inputs(
     owner: str,
     leaf_labels: Sequence[int | None],
@@ -380,20 +366,18 @@ def modality_update_inputs(
     num_modalities: int,
     axis_name,
 ):
-    """Checked scores of a per-modality transform's update and its finiteness flag.
+    """Checked scores of a per-modality transform's update.
 
     Shared by the transforms that scale encoder gradients from ``modality_scores``
     (cggm, ogm_ge): labels in range, floating labelled gradients, scores of shape
-    ``[M]`` (averaged over ``axis_name`` when given), and ``finite``: whether the scores
-    and the gradients on every device are finite.
+    ``[M]`` (averaged over ``axis_name`` when given).
 
     Returns:
-      ``(scores, finite)``.
+      ``[M]`` float32 scores.
     """
     check_labels_in_range(owner, leaf_labels, num_modalities)
     check_floating(owner, "grads", updates, only=[label is not None for label in leaf_labels])
     scores = check_scores(owner, modality_scores, num_modalities)
     if axis_name is not None:
         scores = jax.lax.pmean(scores, axis_name)
-    finite = all_finite(scores) & all_finite_across(all_finite(updates), axis_name)
-    return scores, finite
+    return scores

@@ -168,19 +168,28 @@ def test_plain_multisteps_loses_the_statistics():
     sizes=st.lists(st.sampled_from([3, 8]), min_size=1, max_size=3), seed=st.integers(0, 1000)
 )
 def test_unequal_micro_batches_exact_for_bogc(sizes, seed):
-    """bogc's update depends on the merged statistics only: exact for any sizes."""
+    """bogc's correction depends on the merged statistics only: exact for any sizes.
+
+    bogc corrects the gradient it receives (MultiSteps' mean of the micro-batch gradients)
+    by the calibration of the merged statistics.
+    """
     params = init_params(seed)
     big = make_batch(seed, sum(sizes))
     stats = _stats(params, big)
-    want, _ = _bogc_update(
+    calibrated, _ = _bogc_update(
         stats.fixed_weight_grads(), bj.bogc(SOURCES).init(params), params, grad_stats=stats
     )
     state = _accumulators[len(sizes)].init(params)
+    received = []
     for batch in split(big, sizes):
         s = _stats(params, batch)
+        received.append(s.fixed_weight_grads())
         updates, state = _accumulate[len(sizes)](
             s.fixed_weight_grads(), state, params, grad_stats=s
         )
+    averaged = jax.tree.map(lambda *g: sum(g) / len(g), *received)
+    correction = jax.tree.map(jnp.subtract, calibrated, stats.fixed_weight_grads())
+    want = jax.tree.map(jnp.add, averaged, correction)
     assert_close(updates, want, rtol=1e-4, atol=1e-6)
     # The window is over: the accumulators are back to zero.
     assert float(state.grad_stats.count) == 0.0

@@ -250,3 +250,58 @@ def test_state_survives_lax_cond(case):
     skipped, taken, direct = run(state, grads_at(0), case.extra(0))
     assert_trees_close(skipped, state, rtol=0, atol=0)
     assert_trees_close(taken, direct, rtol=1e-6, atol=1e-7)
+
+
+@parametrize
+def test_donated_params_and_state(case):
+    """``jax.jit(step, donate_argnums=(0, 1))``: no buffer is shared within the state."""
+    tx = optax.chain(case.tx(), optax.adam(1e-2))
+
+    def step(params, state, grads, extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    donated = jax.jit(step, donate_argnums=(0, 1))
+    reference = jax.jit(step)
+    params = jax.tree.map(jnp.copy, PARAMS)
+    state = tx.init(params)
+    want_params, want_state = reference(PARAMS, tx.init(PARAMS), grads_at(0), case.extra(0))
+    for t in range(2):
+        params, state = donated(params, state, grads_at(t), case.extra(t))
+        if t == 0:
+            assert_trees_close(params, want_params, rtol=1e-6, atol=1e-7)
+            assert_trees_close(state, want_state, rtol=1e-6, atol=1e-7)
+    # Fresh states never alias each other (init may be called again after donating).
+    again = tx.init(PARAMS)
+    assert all(not x.is_deleted() for x in jax.tree.leaves(again))
+
+
+def test_multi_steps_state_can_be_donated():
+    tx = bj.multi_steps(optax.chain(bj.cggm(LABELS), optax.sgd(0.1)), 2, num_modalities=2)
+
+    def step(params, state, grads, extra):
+        updates, state = tx.update(grads, state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    donated = jax.jit(step, donate_argnums=(0, 1))
+    params, state = jax.tree.map(jnp.copy, PARAMS), tx.init(PARAMS)
+    for t in range(3):
+        params, state = donated(params, state, grads_at(t), {"modality_scores": SCORES[t]})
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+@parametrize
+def test_map_params_touches_exactly_the_parameter_copies(case):
+    """As for ``optax.adam``: only trees shaped like the params are mapped."""
+    tx = optax.chain(case.tx(), optax.adam(1e-2))
+    state = tx.init(PARAMS)
+    marked = optax.tree.map_params(
+        tx, lambda _: "param", state, transform_non_params=lambda _: "other"
+    )
+    own = marked[0]  # the library transform's state: no parameter copies
+    assert set(jax.tree.leaves(own)) == {"other"}
+    adam_mu = optax.tree.get(marked, "mu")
+    assert jax.tree.leaves(adam_mu) == ["param"] * len(jax.tree.leaves(PARAMS))
+    # The identity map keeps the state as it is (optax's own contract check).
+    same = optax.tree.map_params(tx, lambda v: v, state)
+    assert_trees_close(same, state, rtol=0, atol=0)

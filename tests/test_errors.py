@@ -617,3 +617,135 @@ def test_batch_of_one_per_device_is_fine_when_the_whole_batch_has_two():
         jax.vmap(lambda x: validation.check_num_examples("f", 1, "d") or x, axis_name="d")(
             jnp.ones(1)
         )
+
+
+# --- Gaps closed later: each misuse below used to pass silently or fail without a hint.
+
+
+def _coordinate_weights(aggregation):
+    mean = STATS.mean["enc0"]
+    return bj.coordinate_weights(mean, STATS.var["enc0"], 8, aggregation=aggregation)
+
+
+MORE_CASES = [
+    Case(
+        "coordinate_weights_typo",
+        lambda: _coordinate_weights("dempsterr"),
+        ValueError,
+        r"coordinate_weights: aggregation must be one of",
+    ),
+    Case(
+        "bogc_mask_string_leaf",
+        lambda: bogc_update(mask={"enc0": "False", "enc1": True, "head": True}),
+        TypeError,
+        r"bogc: mask\['enc0'\] is 'False' of type str; every leaf of mask must be a Python bool",
+    ),
+    Case(
+        "mmpareto_repeated_modality_sources",
+        lambda: bj.mmpareto(LABELS, modality_sources=(1, 1)),
+        ValueError,
+        r"mmpareto: modality_sources\[1\] = 1 repeats modality_sources\[0\]",
+    ),
+    Case(
+        "mmpareto_numpy_fusion_source_out_of_range",
+        lambda: modality_update(
+            lambda labels: bj.mmpareto(labels, fusion_source=np.int64(7)), grad_stats=STATS
+        ),
+        ValueError,
+        r"mmpareto: source index 7 .* out of range for the 3 sources",
+    ),
+    Case(
+        "label_params_overlapping_rules",
+        lambda: bj.label_params(PARAMS, {"enc0": 0, "enc1": 1, "head": None, "enc0/": 1}),
+        ValueError,
+        r"label_params: rules 'enc0' and 'enc0/' name the same path 'enc0' with different labels",
+    ),
+    Case(
+        "label_params_dotted_key",
+        lambda: bj.label_params({"layer.0": jnp.ones(2), "b": jnp.ones(1)}, {"layer.0": 0, "b": 1}),
+        ValueError,
+        r"give the rule as a tuple of keys, e.g. \('layer.0',\)",
+    ),
+    Case(
+        "param_labels_int_array_leaf",
+        lambda: bj.cggm({"enc0": jnp.array([0, 1]), "enc1": 1, "head": None}).init(PARAMS),
+        TypeError,
+        r"param_labels\['enc0'\] is an array of shape \(2,\); every leaf of param_labels must "
+        r"be one modality index",
+    ),
+    Case(
+        "dice_channels_first_without_class_axis",
+        lambda: bj.metrics.dice(jnp.zeros((2, 4, 5, 6)), jnp.zeros((2, 5, 6), jnp.int32)),
+        ValueError,
+        r"dice: .* pass class_axis=1",
+    ),
+    Case(
+        "ogm_ge_key_string",
+        lambda: bj.ogm_ge(LABELS, key="seed"),
+        TypeError,
+        r"ogm_ge: key must be a PRNG seed or key; got str 'seed'",
+    ),
+    Case(
+        "ogm_ge_key_wrong_shape",
+        lambda: bj.ogm_ge(LABELS, key=jnp.zeros(3, jnp.uint32)),
+        TypeError,
+        r"ogm_ge: key must be one PRNG seed or key; got an array of dtype uint32 and shape \(3,\)",
+    ),
+    Case(
+        "inject_hyperparams_num_sources",
+        lambda: optax.inject_hyperparams(bj.bogc)(num_sources=3).init(PARAMS),
+        ValueError,
+        r'static_args=\("num_sources",\)',
+    ),
+    Case(
+        "inject_hyperparams_callable_labels",
+        lambda: optax.inject_hyperparams(bj.cggm)(
+            param_labels=lambda p: bj.label_params(p, {"enc0": 0, "enc1": 1, "head": None})
+        ).init(PARAMS),
+        TypeError,
+        r'static_args=\("param_labels",\)',
+    ),
+    Case(
+        "grad_stats_missing_mentions_flax_linen",
+        lambda: bogc_update(grad_stats=None),
+        ValueError,
+        r"Flax Linen's TrainState.apply_gradients drops extra arguments.*docs/flax.md",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", MORE_CASES, ids=[c.name for c in MORE_CASES])
+def test_more_misuse_raises_a_clear_error(case):
+    with pytest.raises(case.error, match=case.match):
+        case.call()
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    tx = bj.mmpareto(LABELS, fusion_source=np.int64(0), modality_sources=(np.int64(1), np.int32(2)))
+    ref = bj.mmpareto(LABELS)
+    a, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_stats=STATS)
+    b, _ = ref.update(GRADS, ref.init(PARAMS), PARAMS, grad_stats=STATS)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert bj.bogc(np.int64(3)) is not None
+    assert bj.ogm_ge(LABELS, key=np.int64(5)).init(PARAMS).key.shape == (2,)
+    labels = bj.label_params(PARAMS, {"enc0": np.int64(0), "enc1": np.int32(1), "head": None})
+    assert labels == LABELS
+
+
+def test_coordinate_weights_sum_is_the_uniform_weighting():
+    mean, var = STATS.mean["enc0"], STATS.var["enc0"]
+    w, touched, u = bj.coordinate_weights(mean, var, 8, aggregation="sum")
+    np.testing.assert_allclose(w, np.asarray(touched) / np.sum(touched, axis=0), rtol=1e-6)
+    assert float(u) == 0.0
+    w_dempster, _, _ = bj.coordinate_weights(mean, var, 8)
+    assert not np.allclose(w, w_dempster)
+
+
+def test_inject_hyperparams_works_with_the_suggested_static_args():
+    tx = optax.inject_hyperparams(bj.bogc, static_args=("num_sources",))(num_sources=3)
+    updates, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_stats=STATS)
+    assert jax.tree.structure(updates) == jax.tree.structure(GRADS)
+    labeller = lambda p: bj.label_params(p, {"enc0": 0, "enc1": 1, "head": None})
+    tx = optax.inject_hyperparams(bj.cggm, static_args=("param_labels",))(param_labels=labeller)
+    tx.update(GRADS, tx.init(PARAMS), PARAMS, modality_scores=SCORES)

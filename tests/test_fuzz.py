@@ -465,3 +465,167 @@ def test_documented_errors_only():
             bj.bogc(2).update(
                 params, bj.bogc(2).init(params), params, grad_stats=stats._replace(mean=bad)
             )
+    # Checks added with the non-finite policy and the correction semantics.
+    with pytest.raises(TypeError, match="mask"):
+        bj.bogc(2, mask={"w": "False"}).update(
+            params, bj.bogc(2).init(params), params, grad_stats=stats
+        )
+    with pytest.raises(ValueError, match="modality_sources"):
+        bj.mmpareto({"a": 0, "b": 1}, modality_sources=(1, 1))
+    with pytest.raises(ValueError, match="same path"):
+        bj.label_params({"a": jnp.ones(1)}, {"a": 0, "a/": 1})
+    with pytest.raises(ValueError, match="finite"):
+        bj.bogc(2, kappa=np.inf)
+
+
+# ------------------------------------------- correction, overflow, domains (fuzzed)
+
+
+@functools.cache
+def bogc_update_with(num_sources, aggregation, kappa, gamma):
+    tx = bj.bogc(num_sources, aggregation=aggregation, kappa=kappa, gamma=gamma)
+    return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
+
+
+@SETTINGS
+@hypothesis.given(
+    template_index=st.integers(0, len(TEMPLATES) - 1),
+    num_sources=st.integers(1, 4),
+    aggregation=st.sampled_from(AGGREGATIONS),
+    log_scale=st.floats(-8, 8),
+    seed=seeds,
+)
+def test_bogc_corrects_any_incoming_gradient(
+    template_index, num_sources, aggregation, log_scale, seed
+):
+    """out(g + r) = out(g) + r; without evidence (kappa = 0) out(x) = x for any x."""
+    rng = np.random.default_rng(seed)
+    template = TEMPLATES[template_index]
+    stats = random_stats(rng, template, num_sources, log_scale, False)
+    grads = stats.fixed_weight_grads()
+    params = jax.tree.map(jnp.zeros_like, grads)
+    extra = jax.tree.map(
+        lambda g: jnp.asarray(rng.normal(size=g.shape) * 10.0**log_scale, jnp.float32), grads
+    )
+    tx, update = bogc_update(num_sources, aggregation)
+    out, _ = update(grads, tx.init(params), params, grad_stats=stats)
+    moved = jax.tree.map(jnp.add, grads, extra)
+    out_extra, state = update(moved, tx.init(params), params, grad_stats=stats)
+    assert bool(state.finite)
+    expected = jax.tree.map(lambda o, r: np.asarray(o, np.float64) + np.asarray(r), out, extra)
+    scale = jax.tree.map(lambda a, b: np.abs(np.asarray(a)) + np.abs(np.asarray(b)), out, extra)
+    for a, e, s in zip(
+        jax.tree.leaves(out_extra), jax.tree.leaves(expected), jax.tree.leaves(scale)
+    ):
+        assert np.all(np.abs(np.asarray(a, np.float64) - e) <= 1e-5 * s + 1e-30)
+    if aggregation != "precision":  # the precision reading has no evidence (no kappa)
+        tx0, update0 = bogc_update_with(num_sources, aggregation, 0.0, 1.0)
+        identity, state0 = update0(moved, tx0.init(params), params, grad_stats=stats)
+        assert bool(state0.finite) and close(identity, moved, 1e-6)
+
+
+@SETTINGS
+@hypothesis.given(
+    num_sources=st.integers(2, 10),
+    gamma=st.sampled_from([10.0, 40.0, 100.0, 300.0]),
+    aggregation=st.sampled_from(["dempster", "dimension_frame"]),
+    seed=seeds,
+)
+def test_bogc_sharp_evidence_never_overflows(num_sources, gamma, aggregation, seed):
+    rng = np.random.default_rng(seed)
+    stats = random_stats(rng, TEMPLATES[0], num_sources, 0.0, False)
+    grads = stats.fixed_weight_grads()
+    params = jax.tree.map(jnp.zeros_like, grads)
+    tx, update = bogc_update_with(num_sources, aggregation, 1.0, gamma)
+    out, state = update(grads, tx.init(params), params, grad_stats=stats)
+    assert bool(state.finite) and finite((out, state))
+    for w in jax.tree.leaves(state.source_weights):
+        assert np.all(np.asarray(w) >= 0)
+
+
+@SETTINGS
+@hypothesis.given(num_sources=st.integers(1, 4), seed=seeds)
+def test_bogc_negative_variance_is_flagged(num_sources, seed):
+    rng = np.random.default_rng(seed)
+    stats = random_stats(rng, TEMPLATES[1], num_sources, 0.0, False)
+    leaves, treedef = jax.tree.flatten(stats.var)
+    k = int(rng.integers(0, len(leaves)))
+    index = tuple(int(rng.integers(0, d)) for d in leaves[k].shape)
+    leaves[k] = leaves[k].at[index].set(-float(rng.uniform(1e-6, 1.0)))
+    bad = stats._replace(var=jax.tree.unflatten(treedef, leaves))
+    grads = stats.fixed_weight_grads()
+    params = jax.tree.map(jnp.zeros_like, grads)
+    tx, update = bogc_update(num_sources, "dempster")
+    out, state = update(grads, tx.init(params), params, grad_stats=bad)
+    assert not bool(state.finite) and int(state.nonfinite_count) == 1
+    assert close(out, grads, 0.0)
+
+
+@SETTINGS
+@hypothesis.given(
+    num_modalities=st.integers(2, 4),
+    negative_at=st.integers(0, 3),
+    scores=st.lists(score_values, min_size=4, max_size=4),
+    seed=seeds,
+)
+def test_ogm_ge_negative_scores_are_flagged(num_modalities, negative_at, scores, seed):
+    rng = np.random.default_rng(seed)
+    params, labels, grads = modality_problem(rng, num_modalities, 0.0)
+    scores = np.asarray(scores[:num_modalities], np.float32)
+    scores[negative_at % num_modalities] = -float(rng.uniform(1e-3, 1.0))
+    tx = bj.ogm_ge(labels, noise=bool(seed % 2), key=seed % 1000)
+    state = tx.init(params)
+    out, new = tx.update(grads, state, params, modality_scores=jnp.asarray(scores))
+    assert not bool(new.finite) and close(out, grads, 0.0)
+    for x, y in zip(jax.tree.leaves(new[:4]), jax.tree.leaves(state[:4])):
+        np.testing.assert_array_equal(x, y)
+
+
+@SETTINGS
+@hypothesis.given(
+    num_classes=st.integers(2, 5),
+    batch=st.integers(2, 6),
+    value=st.sampled_from([np.nan, np.inf, -np.inf]),
+    padding=st.sampled_from([-100, -1, 5]),
+    seed=seeds,
+)
+def test_scores_of_nonfinite_logits_are_nonfinite(num_classes, batch, value, padding, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(batch, num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, batch)
+    row = int(rng.integers(0, batch))
+    bad = logits.copy()
+    bad[row, int(rng.integers(0, num_classes))] = value
+    keep = np.arange(batch) != row
+    padded = labels.copy()
+    padded[row] = padding if padding != 5 else num_classes
+    for metric in (bj.metrics.accuracy, bj.metrics.confidence):
+        assert np.isnan(metric(bad, labels))
+        masked = metric(bad, padded, where=keep)
+        assert np.isfinite(masked) and masked == metric(logits[keep], labels[keep])
+        assert np.isnan(metric(logits, padded))  # a counted label outside [0, C)
+    assert np.isnan(bj.metrics.sign_accuracy(bad.sum(1), logits[:, 0]))
+
+
+@SETTINGS
+@hypothesis.given(num_modalities=st.integers(2, 3), log_scale=st.floats(-10, 10), seed=seeds)
+def test_mmpareto_keeps_what_the_statistics_do_not_explain(num_modalities, log_scale, seed):
+    rng = np.random.default_rng(seed)
+    params, labels, _ = modality_problem(rng, num_modalities, log_scale)
+    s = num_modalities + 1
+    mean = jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=(s,) + p.shape) * 10.0**log_scale, jnp.float32),
+        params,
+    )
+    stats = bj.GradStats(jnp.float32(8), mean, jax.tree.map(jnp.abs, mean))
+    grads = stats.fixed_weight_grads()
+    extra = jax.tree.map(
+        lambda g: jnp.asarray(rng.normal(size=g.shape) * 10.0**log_scale, jnp.float32), grads
+    )
+    tx = bj.mmpareto(labels)
+    out, _ = tx.update(grads, tx.init(params), params, grad_stats=stats)
+    moved = jax.tree.map(jnp.add, grads, extra)
+    out_extra, state = tx.update(moved, tx.init(params), params, grad_stats=stats)
+    assert bool(state.finite)
+    expected = jax.tree.map(lambda o, r: np.asarray(o, np.float64) + np.asarray(r), out, extra)
+    assert close(out_extra, expected, 1e-5)

@@ -134,3 +134,58 @@ def test_split_batch_scores_equal_whole_batch(shards, seed):
     whole = _whole_scores(*args)
     split = _split_scores(*[_split(a, shards) for a in args])
     np.testing.assert_allclose(split, np.broadcast_to(whole, split.shape), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nonfinite_logits_give_nonfinite_scores_and_masked_rows_are_ignored(seed):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, 6))
+    bad_row = int(rng.integers(0, 6))
+    value = [jnp.nan, jnp.inf, -jnp.inf][seed]
+    bad = logits.at[bad_row, int(rng.integers(0, 4))].set(value)
+    keep = jnp.arange(6) != bad_row
+    seg = jnp.asarray(rng.normal(size=(6, 3, 3, 4)), jnp.float32)
+    seg_bad = seg.at[bad_row, 0, 0, 0].set(value)
+    seg_labels = jnp.asarray(rng.integers(0, 4, (6, 3, 3)))
+    pred = jnp.asarray(rng.normal(size=6), jnp.float32)
+    scores = {
+        "accuracy": lambda x, **kw: bj.metrics.accuracy(x, labels, **kw),
+        "confidence": lambda x, **kw: bj.metrics.confidence(x, labels, **kw),
+        "sign_accuracy": lambda x, **kw: bj.metrics.sign_accuracy(x.sum(axis=1), pred, **kw),
+    }
+    for name, score in scores.items():
+        assert np.isnan(score(bad)), name
+        masked = score(bad, where=keep)
+        assert np.isfinite(masked) and masked == score(logits, where=keep), name
+    assert np.isnan(bj.metrics.dice(seg_bad, seg_labels))
+    assert bj.metrics.dice(seg_bad, seg_labels, where=keep) == bj.metrics.dice(
+        seg, seg_labels, where=keep
+    )
+    all_nan = jnp.full((4, 2), jnp.nan)
+    assert np.isnan(bj.metrics.accuracy(all_nan, jnp.array([0, 1, 0, 1])))
+    assert np.isnan(bj.metrics.sign_accuracy(all_nan[:, 0], jnp.ones(4)))
+
+
+@pytest.mark.parametrize("padding_label", [4, -100, -1])
+def test_confidence_ignores_padding_rows_and_flags_counted_out_of_range_labels(padding_label):
+    logits = jax.random.normal(jax.random.key(3), (5, 4))
+    labels = jnp.array([0, 3, 1, 2, 0])
+    padded = labels.at[4].set(padding_label)
+    keep = jnp.array([True, True, True, True, False])
+    expected = bj.metrics.confidence(logits[:4], labels[:4])
+    np.testing.assert_allclose(bj.metrics.confidence(logits, padded, where=keep), expected)
+    # Counted, a label outside [0, C) is no class at all (-1 is not the last class).
+    assert np.isnan(bj.metrics.confidence(logits, padded))
+    assert np.isnan(bj.metrics.accuracy(logits, padded))
+    np.testing.assert_allclose(
+        bj.metrics.accuracy(logits, padded, where=keep), bj.metrics.accuracy(logits[:4], labels[:4])
+    )
+
+
+def test_dice_channels_first_logits_need_class_axis():
+    logits = jax.random.normal(jax.random.key(0), (2, 4, 5, 6))  # [B, C, H, W]
+    labels = jnp.argmax(logits, axis=1)
+    with pytest.raises(ValueError, match="class_axis=1"):
+        bj.metrics.dice(logits, labels)
+    assert float(bj.metrics.dice(logits, labels, class_axis=1)) == pytest.approx(1.0)

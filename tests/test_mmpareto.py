@@ -1,143 +1,18 @@
-"""bj.ogm_ge and bj.mmpareto: coefficients, noise statistics, Pareto combination."""
+"""bj.mmpareto: the Pareto combination against the official update, and its pieces."""
 
-import math
+import importlib
 
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _two_encoders import encoders_and_head
 from hypothesis import given, settings
 
 import bogc_jax as bj
 
-
-def encoders_and_head(num_modalities, shapes=((5, 3), (4,)), seed=0):
-    """Params with ``num_modalities`` encoders (leaves of ``shapes``) and a shared head."""
-    rng = np.random.default_rng(seed)
-    params = {
-        "enc": [
-            {f"p{k}": jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in enumerate(shapes)}
-            for _ in range(num_modalities)
-        ],
-        "head": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
-    }
-    labels = bj.label_params(params, {"enc": bj.labels.INDEX, "head": None})
-    return params, labels
-
-
-# --- OGM-GE --------------------------------------------------------------------------
-
-
-def official_ogm_coefficients(score_a, score_v, alpha):
-    """Transcription of the official two-modality rule (main.py, OGM-GE_CVPR2022):
-    ratio_v = score_v / score_a; if ratio_v > 1 the visual coefficient is
-    1 - tanh(alpha * relu(ratio_v)) and audio's is 1; otherwise audio's is
-    1 - tanh(alpha * relu(1 / ratio_v)) and visual's is 1."""
-    ratio_v = score_v / score_a
-    if ratio_v > 1:
-        return 1.0, 1 - math.tanh(alpha * max(ratio_v, 0.0))
-    return 1 - math.tanh(alpha * max(1 / ratio_v, 0.0)), 1.0
-
-
-@settings(max_examples=25, deadline=None)
-@given(st.integers(2, 5), st.integers(0, 2**31 - 1), st.sampled_from(["continuous", "reference"]))
-def test_ogm_dominant_modality_is_slowed_and_others_are_exactly_one(m, seed, mode):
-    rng = np.random.default_rng(seed)
-    scores = rng.uniform(0.05, 1.0, m).astype(np.float32)
-    k, j, ratio = bj.ogm_ge_coefficients(jnp.asarray(scores), alpha=0.5, mode=mode)
-    k = np.asarray(k)
-    assert int(j) == int(np.argmax(scores))
-    assert k[int(j)] < 1.0 and k[int(j)] > 0.0
-    assert np.all(np.delete(k, int(j)) == 1.0)
-    others = np.delete(scores, int(j)).mean()
-    assert float(ratio) == pytest.approx(scores[int(j)] / others, rel=1e-6)
-    r = scores[int(j)] / np.float64(others)
-    expected = 1 - np.tanh(0.5 * (r - 1)) if mode == "continuous" else 1 - np.tanh(0.5 * r)
-    assert k[int(j)] == pytest.approx(float(expected), rel=1e-5)
-
-
-def test_ogm_reference_mode_matches_the_official_two_modality_rule():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        score_a, score_v = rng.uniform(1.0, 30.0, 2)  # sums of true-class probabilities
-        alpha = rng.uniform(0.05, 1.0)
-        k, _, _ = bj.ogm_ge_coefficients(jnp.array([score_a, score_v]), alpha, "reference")
-        np.testing.assert_allclose(
-            k, official_ogm_coefficients(score_a, score_v, alpha), rtol=1e-5, atol=1e-7
-        )
-
-
-def test_ogm_continuous_mode_is_neutral_at_parity():
-    k, _, ratio = bj.ogm_ge_coefficients(jnp.full(3, 0.4), alpha=0.8)
-    np.testing.assert_array_equal(k, 1.0)
-    assert float(ratio) == 1.0
-    k, _, ratio = bj.ogm_ge_coefficients(jnp.zeros(2), alpha=0.8)  # no NaN
-    np.testing.assert_array_equal(k, 1.0)
-
-
-def test_ogm_without_noise_scales_only_the_dominant_encoder():
-    params, labels = encoders_and_head(3)
-    tx = bj.ogm_ge(labels, alpha=0.5, noise=False)
-    updates, state = tx.update(
-        params, tx.init(params), params, modality_scores=jnp.array([0.2, 0.7, 0.3])
-    )
-    k = np.asarray(state.coefficients)
-    assert int(state.dominant) == 1 and k[1] < 1
-    for i in range(3):
-        for name, g in params["enc"][i].items():
-            if i == 1:
-                np.testing.assert_allclose(updates["enc"][i][name], g * k[1], rtol=1e-6)
-            else:
-                np.testing.assert_array_equal(updates["enc"][i][name], g)
-    np.testing.assert_array_equal(updates["head"]["w"], params["head"]["w"])
-
-
-def test_ge_noise_has_the_gradients_own_standard_deviation():
-    """Noise = update - k * grad; its std must equal std(grad) (ddof=1) + 1e-8 per leaf."""
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(4)
-    n = 20_000
-    grads = {
-        "enc": [
-            {"w": jnp.asarray(rng.normal(0.3, 0.01, n), jnp.float32)},
-            {"w": jnp.asarray(rng.normal(-2.0, 7.0, n), jnp.float32)},
-        ],
-        "head": jnp.asarray(rng.normal(size=50), jnp.float32),
-    }
-    labels = {"enc": [{"w": 0}, {"w": 1}], "head": None}
-    tx = bj.ogm_ge(labels, alpha=0.7, key=123)
-    state = tx.init(grads)
-    scores = jnp.array([0.9, 0.3])  # modality 0 dominant: its gradient is also scaled
-    updates, state2 = jax.jit(tx.update)(grads, state, grads, modality_scores=scores)
-    k = np.asarray(state2.coefficients)
-    assert k[0] < 1 and k[1] == 1
-    for i in range(2):
-        g = np.asarray(grads["enc"][i]["w"], np.float64)
-        noise = np.asarray(updates["enc"][i]["w"], np.float64) - k[i] * g
-        sigma = g.std(ddof=1) + 1e-8
-        se = sigma / math.sqrt(2 * (n - 1))  # standard error of a sample std
-        assert abs(noise.std(ddof=1) - sigma) < 5 * se, (i, noise.std(), sigma)
-        assert abs(noise.mean()) < 5 * sigma / math.sqrt(n)
-        assert stats.kstest(noise / sigma, "norm").pvalue > 1e-3
-    np.testing.assert_array_equal(updates["head"], grads["head"])  # shared: no noise
-    # The key advances: the next update draws fresh noise; the same state repeats it.
-    again, _ = jax.jit(tx.update)(grads, state, grads, modality_scores=scores)
-    nxt, _ = jax.jit(tx.update)(grads, state2, grads, modality_scores=scores)
-    np.testing.assert_array_equal(again["enc"][1]["w"], updates["enc"][1]["w"])
-    assert not np.allclose(nxt["enc"][1]["w"], updates["enc"][1]["w"])
-
-
-def test_ogm_errors():
-    params, labels = encoders_and_head(2)
-    tx = bj.ogm_ge(labels)
-    with pytest.raises(ValueError, match="modality_scores"):
-        tx.update(params, tx.init(params), params)
-    with pytest.raises(ValueError, match="mode"):
-        bj.ogm_ge(labels, mode="paper")
-
-
-# --- MMPareto ------------------------------------------------------------------------
+mp = importlib.import_module("bogc_jax.mmpareto")  # the module (bj.mmpareto is the transform)
 
 
 def official_mmpareto(g_total, g_fusion, g_uni, gamma=1.5):
@@ -294,3 +169,94 @@ def test_mmpareto_errors():
         tx.update(params, state, params, grad_stats=holes)
     with pytest.raises(ValueError, match="rescale"):
         bj.mmpareto(labels, rescale="global")
+
+
+# --- The pieces of the update, each on its own -----------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(-20, 20))
+def test_gram_is_scale_free_and_matches_numpy(seed, log_scale):
+    rng = np.random.default_rng(seed)
+    f = [rng.normal(size=(3, 2)) * 10.0**log_scale, rng.normal(size=4) * 10.0**log_scale]
+    u = [rng.normal(size=(3, 2)) * 10.0**log_scale, rng.normal(size=4) * 10.0**log_scale]
+    g = mp.gram([jnp.asarray(x, jnp.float32) for x in f], [jnp.asarray(x, jnp.float32) for x in u])
+    a = np.concatenate([x.ravel() for x in f])
+    b = np.concatenate([x.ravel() for x in u])
+    s = float(g.scale)
+    np.testing.assert_allclose(float(g.v11) * s * s, a @ a, rtol=1e-5)
+    np.testing.assert_allclose(float(g.v22) * s * s, b @ b, rtol=1e-5)
+    np.testing.assert_allclose(float(g.v12) * s * s, a @ b, rtol=1e-4, atol=1e-5 * s * s)
+    cos = float(mp.pair_cosine(g))
+    np.testing.assert_allclose(cos, a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_combination_weight_gives_the_min_norm_point_on_conflict(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=5), rng.normal(size=5)
+    if a @ b > 0:
+        b = -b
+    g = mp.gram([jnp.asarray(a, jnp.float32)], [jnp.asarray(b, jnp.float32)])
+    c = float(mp.combination_weight(mp.pair_cosine(g), g))
+    grid = np.linspace(0, 1, 2001)
+    norms = [np.linalg.norm(t * a + (1 - t) * b) for t in grid]
+    best = grid[int(np.argmin(norms))]
+    if 0.001 < best < 0.999:
+        assert abs(c - best) < 2e-3
+    d = np.asarray(mp.combine(c, [jnp.asarray(a)], [jnp.asarray(b)])[0])
+    assert d @ a >= -1e-5 * np.linalg.norm(d) * np.linalg.norm(a)
+    assert d @ b >= -1e-5 * np.linalg.norm(d) * np.linalg.norm(b)
+    g_pos = mp.gram([jnp.asarray(a, jnp.float32)], [jnp.asarray(-b, jnp.float32)])
+    assert float(mp.combination_weight(mp.pair_cosine(g_pos), g_pos)) == 0.5
+
+
+def test_is_degenerate_only_for_opposite_collinear_gradients():
+    a = jnp.array([1.0, 2.0, -0.5])
+    across = jnp.array([2.0, -1.0, 0.0])  # orthogonal to a
+    for b, expected in [(-a, True), (-0.5 * a, True), (-0.5 * a + across, False), (a, False)]:
+        g = mp.gram([a], [b])
+        c = mp.combination_weight(mp.pair_cosine(g), g)
+        d = mp.combine(c, [a], [b])
+        assert bool(mp.is_degenerate([x / g.scale for x in d], g)) == expected
+
+
+@pytest.mark.parametrize("rescale", ["leaf", "group"])
+def test_rescaled_restores_at_least_the_target_norm_times_gamma(rescale):
+    rng = np.random.default_rng(0)
+    d = [jnp.asarray(rng.normal(size=3), jnp.float32), jnp.asarray(rng.normal(size=2), jnp.float32)]
+    target = [
+        jnp.asarray(rng.normal(size=3) * 10, jnp.float32),
+        jnp.asarray(rng.normal(size=2) * 10, jnp.float32),
+    ]
+    out = mp.rescaled(d, d, target, jnp.float32(1.0), jnp.bool_(False), 1.5, rescale)
+    norm = lambda xs: np.sqrt(sum(float(jnp.sum(x * x)) for x in xs))
+    if rescale == "group":
+        np.testing.assert_allclose(norm(out), 1.5 * max(norm(target), norm(d)), rtol=1e-5)
+    else:
+        for o, dn, t in zip(out, d, target):
+            np.testing.assert_allclose(norm([o]), 1.5 * max(norm([t]), norm([dn])), rtol=1e-5)
+            cos = float(jnp.sum(o * dn)) / norm([o]) / norm([dn])
+            assert cos == pytest.approx(1.0, abs=1e-6)  # the direction is d's
+    fallback = mp.rescaled(d, d, target, jnp.float32(1.0), jnp.bool_(True), 1.5, rescale)
+    for f, t in zip(fallback, target):
+        np.testing.assert_allclose(f, 1.5 * t, rtol=1e-6)
+
+
+def test_encoder_update_is_the_official_rule_on_one_encoder():
+    rng = np.random.default_rng(1)
+    f = [rng.normal(size=(2, 3)), rng.normal(size=4)]
+    u = [-0.7 * f[0] + 0.2 * rng.normal(size=(2, 3)), rng.normal(size=4)]
+    total = [x + y for x, y in zip(f, u)]
+    out, cos, c = mp.encoder_update(
+        [jnp.asarray(x, jnp.float32) for x in f],
+        [jnp.asarray(x, jnp.float32) for x in u],
+        [jnp.asarray(x, jnp.float32) for x in total],
+        gamma=1.5,
+        rescale="leaf",
+    )
+    expected = official_mmpareto(total, f, u)
+    for o, e in zip(out, expected):
+        np.testing.assert_allclose(o, e, rtol=2e-5, atol=1e-6)
+    assert float(cos) < 0 and 0 < float(c) < 1
