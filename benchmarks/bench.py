@@ -48,12 +48,47 @@ SIZES = {  # model -> dimensions; the quick run shrinks them
     "mlp": dict(d0=512, d1=384, hidden=512, width=256),
     "cnn": dict(image=28, seq=64, seq_channels=8, c1=32, c2=64),
     "transformer": dict(tokens=32, vocab=1000, d=64, heads=4, layers=2, feats=128),
+    # About 20M parameters: 6 blocks of width 512 (12 d**2 each), 64 tokens.
+    "transformer20m": dict(tokens=64, vocab=1000, d=512, heads=8, layers=6, feats=512),
 }
 QUICK_SIZES = {
     "mlp": dict(d0=16, d1=12, hidden=16, width=8),
     "cnn": dict(image=8, seq=8, seq_channels=2, c1=4, c2=4),
     "transformer": dict(tokens=4, vocab=20, d=8, heads=2, layers=1, feats=6),
+    "transformer20m": dict(tokens=4, vocab=20, d=16, heads=2, layers=2, feats=8),
 }
+
+
+def model_size(model: str, quick: bool = False) -> dict:
+    """Dimensions of a named model.
+
+    ``mlpW`` (e.g. ``mlp512``) is the two-branch MLP with ``W``-wide layers: inputs of
+    ``W`` and ``3W/4`` features, two ``W``-wide layers per branch (about ``3.75 W**2``
+    parameters); the quick run divides ``W`` by 32.
+    """
+    family = model_family(model)
+    if family == "mlp" and model != "mlp":
+        width = int(model[3:])
+        if quick:
+            width = max(8, width // 32)
+        return dict(d0=width, d1=max(1, 3 * width // 4), hidden=width, width=width)
+    return (QUICK_SIZES if quick else SIZES)[model]
+
+
+def model_family(model: str) -> str:
+    """``mlp``, ``cnn`` or ``transformer`` (``mlp512`` -> ``mlp``, ``transformer20m`` ->
+    ``transformer``)."""
+    for family in ("mlp", "cnn", "transformer"):
+        if model.startswith(family):
+            if family == "mlp" and model != "mlp" and not model[3:].isdigit():
+                break
+            if family != "mlp" and model not in SIZES:
+                break
+            return family
+    raise ValueError(
+        f"unknown model {model!r}: use mlp, mlpW (W an int, e.g. mlp512), cnn, transformer "
+        "or transformer20m"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,6 +100,7 @@ def make_batch(model: str, size: dict, n: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n).astype(np.int32)
+    model = model_family(model)
     if model == "mlp":
         return (
             rng.normal(size=(n, size["d0"])).astype(np.float32),
@@ -94,6 +130,7 @@ def jax_model(model: str, size: dict):
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
     rngs = nnx.Rngs(0)
+    model = model_family(model)
 
     class Heads(nnx.Module):
         def __init__(self, width):
@@ -317,6 +354,7 @@ def torch_model(model: str, size: dict):
     from torch import nn  # pylint: disable=g-import-not-at-top
 
     nnf = nn.functional
+    model = model_family(model)
 
     class Heads(nn.Module):
         def __init__(self, width):
@@ -400,7 +438,7 @@ def torch_worker(spec: dict) -> dict:
     net = torch_model(model, size)
     x0, x1, y = (torch.from_numpy(a) for a in make_batch(model, size, n))
     y = y.long()
-    if model == "transformer":
+    if model_family(model) == "transformer":
         x0 = x0.long()
     nnf = torch.nn.functional
 
@@ -619,7 +657,7 @@ def main(argv=None):
                     row["jax"][name]["ratio"] = times[name] / times["step_joint"]
             if has_torch:
                 for method in ("grad", "func") + (("backpack",) if has_backpack else ()):
-                    if method == "backpack" and model == "transformer":
+                    if method == "backpack" and model_family(model) == "transformer":
                         row["torch"][method] = {
                             "error": "unsupported: BackPACK's Variance has no "
                             "LayerNorm, MultiheadAttention or free-Parameter rule"
