@@ -34,8 +34,8 @@ for path in (ROOT, BENCH, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import bench  # noqa: E402
-import fast_paths as fp  # noqa: E402
+import bench
+import fast_paths as fp
 
 
 def build(model: str, n: int, quick: bool):
@@ -125,16 +125,17 @@ def build(model: str, n: int, quick: bool):
             )
         return out
 
-    def proto_products(cts, inputs, fused=True, check=True):
+    def proto_products(deltas, inputs, fused=False, check=True):
         out = []
         for k, plan in dense:
             node, pos = plan.uses[0]
+            srcs = [s for s in range(num_sources) if (s, node.index) in deltas]
             out.append(
                 fp.dense_moments(
                     plan,
                     inputs[id(node.invars[1 - pos])],
-                    cts[node.index][0],
-                    reach[node.index],
+                    [deltas[(s, node.index)][0] for s in srcs],
+                    srcs,
                     num_sources,
                     dtypes[k],
                     fused=fused,
@@ -145,14 +146,14 @@ def build(model: str, n: int, quick: bool):
 
     if dense:
         fns["dense_products_lib"] = (jax.jit(lib_products), (deltas, inputs))
-        fns["dense_products_proto"] = (jax.jit(proto_products), (cts, inputs_p))
-        fns["dense_products_proto_2mm"] = (
-            jax.jit(lambda c, i: proto_products(c, i, fused=False)),
-            (cts, inputs_p),
+        fns["dense_products_proto"] = (jax.jit(proto_products), (deltas, inputs))
+        fns["dense_products_proto_fused"] = (
+            jax.jit(lambda c, i: proto_products(c, i, fused=True)),
+            (deltas, inputs),
         )
         fns["dense_products_proto_nocheck"] = (
             jax.jit(lambda c, i: proto_products(c, i, check=False)),
-            (cts, inputs_p),
+            (deltas, inputs),
         )
     if positions:
         fns["positions_products_lib"] = (jax.jit(lib_positions), (deltas, inputs))
@@ -161,16 +162,17 @@ def build(model: str, n: int, quick: bool):
         jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast")),
         (params, batch),
     )
-    fns["fast_proto"] = (
-        jax.jit(lambda p, b: fp.source_grad_stats(losses_fn, p, b)),
-        (params, batch),
-    )
-    fns["fast_proto_2mm"] = (
-        jax.jit(lambda p, b: fp.source_grad_stats(losses_fn, p, b, fused=False)),
-        (params, batch),
-    )
-    fns["fast_proto_nocheck"] = (
-        jax.jit(lambda p, b: fp.source_grad_stats(losses_fn, p, b, check=False)),
+    for name, kw in (
+        ("fast_proto", {}),
+        ("fast_proto_nocheck", dict(check=False)),
+        ("fast_proto_stacked", dict(stacked=True)),
+    ):
+        fns[name] = (
+            jax.jit(lambda p, b, kw=kw: fp.source_grad_stats(losses_fn, p, b, **kw)),
+            (params, batch),
+        )
+    fns["means_fast_proto"] = (
+        jax.jit(lambda p, b: fp.fast_source_means(losses_fn, p, b)),
         (params, batch),
     )
 
@@ -186,6 +188,12 @@ def build(model: str, n: int, quick: bool):
         (grads, bogc_state, stats),
     )
     fns["bogc_update_proto"] = (jax.jit(fp.bogc_update), (grads, stats))
+    fns["bogc_update_proto_blocked"] = (
+        jax.jit(lambda g, s: fp.bogc_update(g, s, blocked=True)),
+        (grads, stats),
+    )
+    fns["fixed_weight_grads_lib"] = (jax.jit(lambda s: s.fixed_weight_grads()), (stats,))
+    fns["fixed_weight_grads_proto"] = (jax.jit(lambda s: fp.sum_over_sources(s.mean)), (stats,))
     mmp_tx = bj.mmpareto(labels)
     mmp_state = mmp_tx.init(params)
     fns["mmpareto_update_lib"] = (
@@ -218,14 +226,16 @@ def build(model: str, n: int, quick: bool):
                 g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
             elif kind == "bogc_proto":
                 sts = fp.source_grad_stats(losses_fn, p, b)
-                g = fp.bogc_update(sts.fixed_weight_grads(), sts)
+                g = fp.bogc_update(fp.sum_over_sources(sts.mean), sts, blocked=True)
             elif kind == "mmpareto":
                 mean = fp.source_means(losses_fn, p, b)
                 sts = bj.GradStats(jnp.float32(n), mean, jax.tree.map(jnp.zeros_like, mean))
                 g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
             else:  # mmpareto_proto
                 mean = fp.source_means(losses_fn, p, b)
-                g = fp.mmpareto_update(jax.tree.map(lambda m: jnp.sum(m, 0), mean), mean, leaf_labels)
+                g = fp.mmpareto_update(
+                    jax.tree.map(lambda m: jnp.sum(m, 0), mean), mean, leaf_labels
+                )
             u, s = tx.update(g, s, p, **extra)
             return optax.apply_updates(p, u), s
 
@@ -239,7 +249,9 @@ def build(model: str, n: int, quick: bool):
     proto = jax.jit(lambda p, b: fp.source_grad_stats(losses_fn, p, b))(params, batch)
 
     def rel(a, b):
-        num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        num = max(
+            float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        )
         den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
         return num / max(den, 1e-30)
 
@@ -247,6 +259,13 @@ def build(model: str, n: int, quick: bool):
     checks["proto_vs_vmap_var"] = rel(proto.var, ref.var)
     checks["lib_vs_vmap_mean"] = rel(stats.mean, ref.mean)
     checks["lib_vs_vmap_var"] = rel(stats.var, ref.var)
+    checks["bogc_update_proto_blocked_vs_lib"] = rel(
+        fns["bogc_update_proto_blocked"][0](*fns["bogc_update_proto_blocked"][1]),
+        fns["bogc_update_lib"][0](*fns["bogc_update_lib"][1]),
+    )
+    checks["means_fast_proto_vs_vmap"] = rel(
+        jax.jit(lambda p, b: fp.fast_source_means(losses_fn, p, b))(params, batch), ref.mean
+    )
     checks["bogc_update_proto_vs_lib"] = rel(
         fns["bogc_update_proto"][0](*fns["bogc_update_proto"][1]),
         fns["bogc_update_lib"][0](*fns["bogc_update_lib"][1]),
@@ -290,6 +309,8 @@ def main(argv=None):
         row["ratios"] = {
             "fast_lib / grad": times["fast_lib"] / unit,
             "fast_proto / grad": times["fast_proto"] / unit,
+            "means_fast_proto / grad": times["means_fast_proto"] / unit,
+            "means_jacrev / grad": times["means_jacrev"] / unit,
             "step_bogc / step_joint": times["step_bogc"] / joint,
             "step_bogc_proto / step_joint": times["step_bogc_proto"] / joint,
             "step_mmpareto / step_joint": times["step_mmpareto"] / joint,
@@ -313,8 +334,13 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(
-            {"date": datetime.datetime.now().isoformat(timespec="seconds"), "jax": jax.__version__,
-             "cpus": os.cpu_count(), "repeats": args.repeats, "rows": rows},
+            {
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "jax": jax.__version__,
+                "cpus": os.cpu_count(),
+                "repeats": args.repeats,
+                "rows": rows,
+            },
             f,
             indent=1,
         )
