@@ -285,6 +285,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clock", default="cpu", choices=("wall", "cpu"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import jax
@@ -300,7 +301,7 @@ def main(argv=None):
                 flops[name] = float(c.cost_analysis().get("flops", 0.0))
             except Exception:  # pylint: disable=broad-except
                 flops[name] = None
-        times = bench.time_interleaved(compiled, args.repeats, budget_s=4.0)
+        times = bench.time_interleaved(compiled, args.repeats, budget_s=4.0, clock=args.clock)
         unit, joint = times["grad"], times["step_joint"]
         row = {"model": model, "batch": args.batch, "params": num_params, "checks": checks}
         row["ms"] = {k: v * 1e3 for k, v in times.items()}
@@ -339,6 +340,7 @@ def main(argv=None):
                 "jax": jax.__version__,
                 "cpus": os.cpu_count(),
                 "repeats": args.repeats,
+                "clock": args.clock,
                 "rows": rows,
             },
             f,
