@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +39,7 @@ import bench
 import fast_paths as fp
 
 
-def build(model: str, n: int, quick: bool):
+def build(model: str, n: int, quick: bool, checks_on: bool = True):
     import jax
     import jax.numpy as jnp
     import optax
@@ -209,9 +210,9 @@ def build(model: str, n: int, quick: bool):
     adam = optax.adam(1e-3)
 
     def make_step(kind):
-        if kind == "bogc":
+        if kind in ("bogc", "bogc_sum"):
             tx = optax.chain(bj.bogc(num_sources), adam)
-        elif kind == "mmpareto":
+        elif kind in ("mmpareto", "mmpareto_sum"):
             tx = optax.chain(bj.mmpareto(labels), adam)
         else:  # joint and the prototypes: the transform is inlined, Adam after it
             tx = adam
@@ -226,25 +227,33 @@ def build(model: str, n: int, quick: bool):
                 g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
             elif kind == "bogc_proto":
                 sts = fp.source_grad_stats(losses_fn, p, b)
-                g = fp.bogc_update(fp.sum_over_sources(sts.mean), sts, blocked=True)
+                g = fp.bogc_update(fp.sum_over_sources(sts.mean), sts)
+            elif kind == "bogc_sum":  # the library's, the fixed-weight sum as S - 1 adds
+                sts = bj.source_grad_stats(losses_fn, p, b, method="fast")
+                g, extra = fp.sum_over_sources(sts.mean), {"grad_stats": sts}
+            elif kind == "mmpareto_sum":  # the library's, the fixed-weight sum as S - 1 adds
+                mean = fp.source_means(losses_fn, p, b)
+                sts = bj.GradStats(jnp.float32(n), mean, jax.tree.map(jnp.zeros_like, mean))
+                g, extra = fp.sum_over_sources(mean), {"grad_stats": sts}
             elif kind == "mmpareto":
                 mean = fp.source_means(losses_fn, p, b)
                 sts = bj.GradStats(jnp.float32(n), mean, jax.tree.map(jnp.zeros_like, mean))
                 g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
             else:  # mmpareto_proto
-                mean = fp.source_means(losses_fn, p, b)
-                g = fp.mmpareto_update(
-                    jax.tree.map(lambda m: jnp.sum(m, 0), mean), mean, leaf_labels
-                )
+                mean = fp.fast_source_means(losses_fn, p, b)
+                g = fp.mmpareto_update(fp.sum_over_sources(mean), mean, leaf_labels)
             u, s = tx.update(g, s, p, **extra)
             return optax.apply_updates(p, u), s
 
         return jax.jit(step), (params, state, batch)
 
-    for kind in ("joint", "bogc", "bogc_proto", "mmpareto", "mmpareto_proto"):
+    for kind in ("joint", "bogc", "bogc_sum", "bogc_proto", "mmpareto", "mmpareto_sum",
+                 "mmpareto_proto"):  # fmt: skip
         fns[f"step_{kind}"] = make_step(kind)
 
     checks = {}
+    if not checks_on:
+        return fns, checks, int(fp.num_params(params))
     ref = bj.source_grad_stats(losses_fn, params, batch, method="vmap")
     proto = jax.jit(lambda p, b: fp.source_grad_stats(losses_fn, p, b))(params, batch)
 
@@ -286,13 +295,18 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--clock", default="cpu", choices=("wall", "cpu"))
+    parser.add_argument("--only", default=None, help="regex: time only these pieces (+ grad)")
+    parser.add_argument("--no-checks", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     import jax
 
     rows = []
     for model in args.models.split(","):
-        fns, checks, num_params = build(model, args.batch, args.quick)
+        fns, checks, num_params = build(model, args.batch, args.quick, not args.no_checks)
+        if args.only:
+            keep = re.compile(args.only)
+            fns = {k: v for k, v in fns.items() if k in ("grad", "step_joint") or keep.search(k)}
         compiled, flops = {}, {}
         for name, (fn, fn_args) in fns.items():
             c = fn.lower(*fn_args).compile()
@@ -307,15 +321,18 @@ def main(argv=None):
         row["ms"] = {k: v * 1e3 for k, v in times.items()}
         row["per_grad"] = {k: v / unit for k, v in times.items()}
         row["flops"] = flops
+        get = lambda k, times=times: times.get(k, float("nan"))
         row["ratios"] = {
-            "fast_lib / grad": times["fast_lib"] / unit,
-            "fast_proto / grad": times["fast_proto"] / unit,
-            "means_fast_proto / grad": times["means_fast_proto"] / unit,
-            "means_jacrev / grad": times["means_jacrev"] / unit,
-            "step_bogc / step_joint": times["step_bogc"] / joint,
-            "step_bogc_proto / step_joint": times["step_bogc_proto"] / joint,
-            "step_mmpareto / step_joint": times["step_mmpareto"] / joint,
-            "step_mmpareto_proto / step_joint": times["step_mmpareto_proto"] / joint,
+            "fast_lib / grad": get("fast_lib") / unit,
+            "fast_proto / grad": get("fast_proto") / unit,
+            "means_fast_proto / grad": get("means_fast_proto") / unit,
+            "means_jacrev / grad": get("means_jacrev") / unit,
+            "step_bogc / step_joint": get("step_bogc") / joint,
+            "step_bogc_proto / step_joint": get("step_bogc_proto") / joint,
+            "step_mmpareto / step_joint": get("step_mmpareto") / joint,
+            "step_mmpareto_proto / step_joint": get("step_mmpareto_proto") / joint,
+            "step_bogc_sum / step_joint": get("step_bogc_sum") / joint,
+            "step_mmpareto_sum / step_joint": get("step_mmpareto_sum") / joint,
         }
         rows.append(row)
         print(f"\n{model} B={args.batch} P={num_params}")
