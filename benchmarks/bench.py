@@ -854,10 +854,14 @@ def write(path, result):
 
 
 def library_commit() -> str:
-    """``git`` commit of the library checkout (``+dirty`` with uncommitted changes)."""
+    """The last commit that changed ``bogc_jax/`` in this checkout (``+dirty`` with
+    uncommitted changes there)."""
     try:
         commit = subprocess.run(
-            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "bogc_jax"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", ROOT, "status", "--porcelain", "--", "bogc_jax"],
@@ -865,7 +869,7 @@ def library_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
+        return (commit or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
