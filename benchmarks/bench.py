@@ -48,12 +48,47 @@ SIZES = {  # model -> dimensions; the quick run shrinks them
     "mlp": dict(d0=512, d1=384, hidden=512, width=256),
     "cnn": dict(image=28, seq=64, seq_channels=8, c1=32, c2=64),
     "transformer": dict(tokens=32, vocab=1000, d=64, heads=4, layers=2, feats=128),
+    # About 20M parameters: 6 blocks of width 512 (12 d**2 each), 64 tokens.
+    "transformer20m": dict(tokens=64, vocab=1000, d=512, heads=8, layers=6, feats=512),
 }
 QUICK_SIZES = {
     "mlp": dict(d0=16, d1=12, hidden=16, width=8),
     "cnn": dict(image=8, seq=8, seq_channels=2, c1=4, c2=4),
     "transformer": dict(tokens=4, vocab=20, d=8, heads=2, layers=1, feats=6),
+    "transformer20m": dict(tokens=4, vocab=20, d=16, heads=2, layers=2, feats=8),
 }
+
+
+def model_size(model: str, quick: bool = False) -> dict:
+    """Dimensions of a named model.
+
+    ``mlpW`` (e.g. ``mlp512``) is the two-branch MLP with ``W``-wide layers: inputs of
+    ``W`` and ``3W/4`` features, two ``W``-wide layers per branch (about ``3.75 W**2``
+    parameters); the quick run divides ``W`` by 32.
+    """
+    family = model_family(model)
+    if family == "mlp" and model != "mlp":
+        width = int(model[3:])
+        if quick:
+            width = max(8, width // 32)
+        return dict(d0=width, d1=max(1, 3 * width // 4), hidden=width, width=width)
+    return (QUICK_SIZES if quick else SIZES)[model]
+
+
+def model_family(model: str) -> str:
+    """``mlp``, ``cnn`` or ``transformer`` (``mlp512`` -> ``mlp``, ``transformer20m`` ->
+    ``transformer``)."""
+    for family in ("mlp", "cnn", "transformer"):
+        if model.startswith(family):
+            if family == "mlp" and model != "mlp" and not model[3:].isdigit():
+                break
+            if family != "mlp" and model not in SIZES:
+                break
+            return family
+    raise ValueError(
+        f"unknown model {model!r}: use mlp, mlpW (W an int, e.g. mlp512), cnn, transformer "
+        "or transformer20m"
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -65,6 +100,7 @@ def make_batch(model: str, size: dict, n: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n).astype(np.int32)
+    model = model_family(model)
     if model == "mlp":
         return (
             rng.normal(size=(n, size["d0"])).astype(np.float32),
@@ -94,6 +130,7 @@ def jax_model(model: str, size: dict):
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
     rngs = nnx.Rngs(0)
+    model = model_family(model)
 
     class Heads(nnx.Module):
         def __init__(self, width):
@@ -101,8 +138,11 @@ def jax_model(model: str, size: dict):
             self.aux0 = nnx.Linear(width, CLASSES, rngs=rngs)
             self.aux1 = nnx.Linear(width, CLASSES, rngs=rngs)
 
-        def __call__(self, h0, h1):
-            return (self.head(jnp.concatenate([h0, h1], -1)), self.aux0(h0), self.aux1(h1))
+        def __call__(self, h0, h1, stop_heads=False):
+            fused = self.head(jnp.concatenate([h0, h1], -1))
+            if stop_heads:  # the auxiliary heads train on features they do not move
+                h0, h1 = jax.lax.stop_gradient(h0), jax.lax.stop_gradient(h1)
+            return fused, self.aux0(h0), self.aux1(h1)
 
     if model == "mlp":
 
@@ -122,12 +162,12 @@ def jax_model(model: str, size: dict):
                     ]
                 )
 
-            def __call__(self, x0, x1):
+            def __call__(self, x0, x1, stop_heads=False):
                 for layer in self.enc0:
                     x0 = nnx.relu(layer(x0))
                 for layer in self.enc1:
                     x1 = nnx.relu(layer(x1))
-                return super().__call__(x0, x1)
+                return super().__call__(x0, x1, stop_heads)
 
     elif model == "cnn":
 
@@ -147,12 +187,12 @@ def jax_model(model: str, size: dict):
                     ]
                 )
 
-            def __call__(self, img, seq):
+            def __call__(self, img, seq, stop_heads=False):
                 for layer in self.enc0:
                     img = nnx.relu(layer(img))
                 for layer in self.enc1:
                     seq = nnx.relu(layer(seq))
-                return super().__call__(img.mean((1, 2)), seq.mean(1))
+                return super().__call__(img.mean((1, 2)), seq.mean(1), stop_heads)
 
     else:
         d = size["d"]
@@ -183,11 +223,11 @@ def jax_model(model: str, size: dict):
                 )
                 self.enc1 = nnx.Linear(size["feats"], d, rngs=rngs)
 
-            def __call__(self, ids, feats):
+            def __call__(self, ids, feats, stop_heads=False):
                 x = self.enc0[0](ids) + self.pos[...]
                 for block in self.enc0[1:]:
                     x = block(x)
-                return super().__call__(x.mean(1), nnx.relu(self.enc1(feats)))
+                return super().__call__(x.mean(1), nnx.relu(self.enc1(feats)), stop_heads)
 
     net = Net()
     graphdef, params = nnx.split(net, nnx.Param)
@@ -195,9 +235,9 @@ def jax_model(model: str, size: dict):
     def ce(logits, y):
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
 
-    def forward(p, batch):
+    def forward(p, batch, stop_heads=False):
         x0, x1, y = batch
-        logits = nnx.merge(graphdef, p)(x0, x1)
+        logits = nnx.merge(graphdef, p)(x0, x1, stop_heads)
         return jnp.stack([ce(z, y) for z in logits]), logits
 
     def losses_fn(p, batch):
@@ -207,17 +247,52 @@ def jax_model(model: str, size: dict):
 
 
 def compile_with_memory(jitted, *args):
-    """The compiled function and its temporaries + outputs in MiB (None if unknown)."""
-    compiled = jitted.lower(*args).compile()
+    """The compiled function, its temporaries + outputs in MiB (None if unknown), the
+    seconds spent lowering and compiling it, and the number of operations in the lowered
+    program (what the compiler has to work through)."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
     try:
         stats = compiled.memory_analysis()
-        return compiled, (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
+        mib = (stats.temp_size_in_bytes + stats.output_size_in_bytes) / 2**20
     except Exception:  # pylint: disable=broad-except
-        return compiled, None
+        mib = None
+    text = lowered.as_text()
+    ops = sum(
+        1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//")
+    )
+    return compiled, mib, seconds, ops
 
 
-def jax_functions(model: str, size: dict, n: int, train: bool):
-    """Name -> (jitted fn, args); and the names of the training steps that exist."""
+STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
+STATS = ("grad", "fast", "vmap", "vmap_chunked")
+
+
+def jax_functions(
+    model: str,
+    size: dict,
+    n: int,
+    train: bool,
+    stats: tuple = STATS,
+    steps: tuple = STEPS,
+):
+    """Name -> (jitted fn, args); the parameter count; notes.
+
+    Statistics: ``grad`` (one batch gradient of the summed losses: the unit), ``fast``,
+    ``vmap``, ``vmap_chunked`` (``bj.source_grad_stats`` with that method). Training steps
+    (``step_<method>``, each the method's gradient work + its transform + Adam):
+
+    - ``joint``: the fusion loss; the auxiliary heads train on stop-gradient features (the
+      unit of the step ratios);
+    - ``joint_uni``: the fixed-weight sum of the three losses (BOGC's baseline);
+    - ``bogc``: ``bj.source_grad_stats(method="fast")`` -> ``bj.bogc``;
+    - ``cggm``, ``ogm_ge``: the summed losses' gradient and the auxiliary heads' batch
+      accuracies (``modality_scores``) -> ``bj.cggm`` / ``bj.ogm_ge``;
+    - ``mmpareto``: per-source mean gradients (``jax.jacrev`` of the ``[S]`` mean losses:
+      mmpareto reads no variance) -> ``bj.mmpareto``.
+    """
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
@@ -231,12 +306,17 @@ def jax_functions(model: str, size: dict, n: int, train: bool):
     def total(p, b):
         return jnp.sum(jnp.mean(losses_fn(p, b), axis=1))
 
-    fns = {"grad": (jax.jit(jax.grad(total)), (params, batch))}
-    for name, kwargs in (
-        ("fast", dict(method="fast")),
-        ("vmap", dict(method="vmap")),
-        ("vmap_chunked", dict(method="vmap", chunk_size=min(CHUNK, n))),
-    ):
+    fns = {}
+    options = {
+        "fast": dict(method="fast"),
+        "vmap": dict(method="vmap"),
+        "vmap_chunked": dict(method="vmap", chunk_size=_divisor(n, CHUNK)),
+    }
+    for name in stats:
+        if name == "grad":
+            fns["grad"] = (jax.jit(jax.grad(total)), (params, batch))
+            continue
+        kwargs = options[name]
         fns[name] = (
             jax.jit(lambda p, b, kw=kwargs: bj.source_grad_stats(losses_fn, p, b, **kw)),
             (params, batch),
@@ -254,24 +334,30 @@ def jax_functions(model: str, size: dict, n: int, train: bool):
         losses, logits = forward(p, b)
         return jnp.sum(jnp.mean(losses, axis=1)), scores(logits, b[2])
 
-    transforms = {"joint": lambda: optax.identity(), "bogc": lambda: bj.bogc(NUM_SOURCES)}
-    for name, make in (
-        ("cggm", lambda: bj.cggm(labels)),
-        ("ogm_ge", lambda: bj.ogm_ge(labels)),
-        ("mmpareto", lambda: bj.mmpareto(labels)),
-    ):
-        if hasattr(bj, name):
-            transforms[name] = make
-        else:
-            notes.append(f"bj.{name} is not importable yet: its training step is skipped")
+    def fusion_only(p, b):
+        losses, _ = forward(p, b, stop_heads=True)
+        return jnp.sum(jnp.mean(losses, axis=1))
 
-    for name, make in transforms.items():
-        tx = optax.chain(make(), optax.adam(1e-3))
+    makers = {
+        "joint": lambda: optax.identity(),
+        "joint_uni": lambda: optax.identity(),
+        "bogc": lambda: bj.bogc(NUM_SOURCES, kappa=1.0, gamma=1.0),
+        "cggm": lambda: bj.cggm(labels, rho=1.3),
+        "ogm_ge": lambda: bj.ogm_ge(labels, alpha=0.1),
+        "mmpareto": lambda: bj.mmpareto(labels, gamma=1.5),
+    }
+    for name in steps:
+        if name not in ("joint", "joint_uni") and not hasattr(bj, name):
+            notes.append(f"bj.{name} is not importable yet: its training step is skipped")
+            continue
+        tx = optax.chain(makers[name](), optax.adam(1e-3))
         state = tx.init(params)
 
         def step(p, s, b, name=name, tx=tx):
             extra = {}
             if name == "joint":
+                grads = jax.grad(fusion_only)(p, b)
+            elif name == "joint_uni":
                 grads = jax.grad(total)(p, b)
             elif name == "bogc":
                 stats = bj.source_grad_stats(losses_fn, p, b, method="fast")
@@ -290,19 +376,28 @@ def jax_functions(model: str, size: dict, n: int, train: bool):
     return fns, num_params, notes
 
 
-def time_interleaved(fns: dict, repeats: int, budget_s: float = 5.0) -> dict:
-    """Median seconds per call; a function stops repeating once it has used ``budget_s``."""
+def _divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def time_interleaved(fns: dict, repeats: int, budget_s: float = 5.0, clock: str = "wall") -> dict:
+    """Median seconds per call; a function stops repeating once it has used ``budget_s``.
+
+    ``clock="wall"``: elapsed time; ``"cpu"``: CPU time of this process (all its threads),
+    which on a shared CPU counts the work done rather than the time spent waiting for a core.
+    """
     import jax  # pylint: disable=g-import-not-at-top
 
+    now = time.perf_counter if clock == "wall" else time.process_time
     times = {k: [] for k in fns}
     spent = {k: 0.0 for k in fns}
     for _ in range(repeats):
         for name, (fn, args) in fns.items():
             if times[name] and spent[name] > budget_s:
                 continue
-            start = time.perf_counter()
+            start = now()
             jax.block_until_ready(fn(*args))
-            elapsed = time.perf_counter() - start
+            elapsed = now() - start
             times[name].append(elapsed)
             spent[name] += elapsed
     return {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
@@ -317,6 +412,7 @@ def torch_model(model: str, size: dict):
     from torch import nn  # pylint: disable=g-import-not-at-top
 
     nnf = nn.functional
+    model = model_family(model)
 
     class Heads(nn.Module):
         def __init__(self, width):
@@ -400,7 +496,7 @@ def torch_worker(spec: dict) -> dict:
     net = torch_model(model, size)
     x0, x1, y = (torch.from_numpy(a) for a in make_batch(model, size, n))
     y = y.long()
-    if model == "transformer":
+    if model_family(model) == "transformer":
         x0 = x0.long()
     nnf = torch.nn.functional
 
@@ -517,7 +613,7 @@ def run_torch(model, size, n, method, args) -> dict:
         timeout=900,
         check=False,
     )
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": reason[:160]}
@@ -547,20 +643,87 @@ def fmt(x, unit=""):
     return f"{x:.3g}{unit}" if abs(x) < 100 else f"{x:.0f}{unit}"
 
 
+SUITES = {
+    # name: models, statistics batch sizes, training-step batch sizes, P sweep (models at
+    # the first training batch size), statistics methods.
+    "default": dict(
+        models="mlp512,mlp1024,mlp2048,cnn,transformer",
+        batch_sizes="32,128,512",
+        train_batch_sizes="128",
+        stats="grad,fast,vmap,vmap_chunked",
+    ),
+    # Cost against B (32 to 1024) on the 512-wide MLP and the CNN, and against P
+    # (0.1M to 10M parameters: MLPs of width 160 to 1632) at B = 128; draws the PNG.
+    "scaling": dict(
+        models="mlp512,cnn",
+        batch_sizes="32,64,128,256,512,1024",
+        train_batch_sizes="32,64,128,256,512,1024",
+        params_models="mlp160,mlp320,mlp640,mlp1024,mlp1632",
+        stats="grad,fast,vmap",
+    ),
+    # One GPU, under 8 minutes: models and batches that keep it busy.
+    "gpu": dict(
+        models="mlp2048,cnn,transformer20m",
+        batch_sizes="256,1024",
+        train_batch_sizes="256,1024",
+        stats="grad,fast,vmap",
+    ),
+}
+QUICK_SUITES = {
+    "default": dict(models="mlp", batch_sizes="8", train_batch_sizes="8"),
+    "scaling": dict(
+        models="mlp512", batch_sizes="8,16", train_batch_sizes="8,16", params_models="mlp256,mlp512"
+    ),
+    "gpu": dict(models="mlp2048", batch_sizes="8", train_batch_sizes="8"),
+}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat")
-    parser.add_argument("--models", default="mlp,cnn,transformer")
-    parser.add_argument("--batch-sizes", default="32,128,512")
     parser.add_argument(
-        "--train-batch-sizes",
-        default="128",
-        help="batch sizes at which the training steps are timed",
+        "--suite",
+        default="default",
+        choices=sorted(SUITES),
+        help="default: statistics and steps on the MLPs (512, 1024, 2048 wide), the CNN and "
+        "the transformer, with the PyTorch peers; scaling: cost against B and P, drawn as "
+        "a log-log PNG; gpu: one GPU in under 8 minutes (B 256 and 1024, a 20M-parameter "
+        "transformer)",
     )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, two repeats")
+    parser.add_argument("--models", default=None, help="comma-separated (suite's default)")
+    parser.add_argument("--batch-sizes", default=None)
+    parser.add_argument(
+        "--train-batch-sizes", default=None, help="batch sizes at which the steps are timed"
+    )
+    parser.add_argument(
+        "--params-models", default=None, help="models of the P sweep (scaling suite)"
+    )
+    parser.add_argument("--stats", default=None, help=f"statistics to time, of {STATS}")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"training steps, of {STEPS}")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="wall: elapsed time (GPUs, a quiet machine); cpu: this process's CPU time (a "
+        "shared CPU; the PyTorch peers always report elapsed time)",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--vmap-max-gib",
+        type=float,
+        default=SKIP_ABOVE_BYTES / 2**30,
+        help="skip vmap where the per-example gradients (B x S x P) exceed this",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new rows after this many seconds (gpu suite: 420)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--plot", default=None, help="PNG path (default: beside the JSON)")
     parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -568,21 +731,40 @@ def main(argv=None):
         print(json.dumps(torch_worker(json.loads(args.torch_worker))))
         return None
 
+    suite = dict(SUITES[args.suite])
     if args.quick:
-        args.models, args.batch_sizes, args.train_batch_sizes = "mlp", "8", "8"
-        args.repeats = 2
-    sizes = QUICK_SIZES if args.quick else SIZES
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    train_sizes = {int(b) for b in args.train_batch_sizes.split(",")}
+        suite.update(QUICK_SUITES[args.suite])
+        args.repeats = min(args.repeats, 2)
+    for key in ("models", "batch_sizes", "train_batch_sizes", "params_models", "stats"):
+        if getattr(args, key) is None:
+            setattr(args, key, suite.get(key, ""))
+    if args.suite == "gpu":
+        args.no_torch = True  # the peers run on the CPU: not this suite's subject
+        if args.budget_s is None:
+            args.budget_s = 420.0
+    stats = tuple(x for x in args.stats.split(",") if x)
+    if "grad" not in stats:
+        stats = ("grad",) + stats
+    steps = tuple(x for x in args.steps.split(",") if x)
+    if steps and "joint" not in steps:
+        steps = ("joint",) + steps
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    train_sizes = {int(b) for b in args.train_batch_sizes.split(",") if b}
+    plan = [(m, n, "batch") for m in args.models.split(",") if m for n in batch_sizes]
+    plan += [(m, n, "batch") for m in args.models.split(",") if m for n in sorted(train_sizes)
+             if n not in batch_sizes]  # fmt: skip
+    if args.params_models:
+        n0 = min(train_sizes) if 128 not in train_sizes else 128
+        plan += [(m, n0, "params") for m in args.params_models.split(",") if m]
+    for model, _, _ in plan:
+        model_family(model)  # fail early on an unknown name
     has_torch, has_backpack = (False, False) if args.no_torch else torch_available()
 
     import jax  # pylint: disable=g-import-not-at-top
 
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join(
-        HERE,
-        "results",
-        f"bench{'-quick' if args.quick else ''}-"
-        f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json",
+        HERE, "results", f"bench-{args.suite}{'-quick' if args.quick else ''}-{stamp}.json"
     )
     rows, notes = [], []
     if not has_torch and not args.no_torch:
@@ -591,49 +773,76 @@ def main(argv=None):
         )
     if has_torch and not has_backpack:
         notes.append("backpack-for-pytorch is not installed: BackPACK is skipped")
-    for model in args.models.split(","):
-        size = sizes[model]
-        for n in batch_sizes:
-            fns, num_params, model_notes = jax_functions(model, size, n, n in train_sizes)
-            notes.extend(x for x in model_notes if x not in notes)
-            per_example_bytes = n * NUM_SOURCES * num_params * 4
-            row = {"model": model, "batch": n, "params": int(num_params), "jax": {}, "torch": {}}
-            skipped = []
-            if per_example_bytes > SKIP_ABOVE_BYTES:
-                skipped.append("vmap")
-                row["jax"]["vmap"] = {"skipped": f"B x S x P = {per_example_bytes / 2**30:.1f} GiB"}
-            for name, (fn, fn_args) in list(fns.items()):
-                compiled, mem = compile_with_memory(fn, *fn_args)
-                fns[name] = (compiled, fn_args)  # compiled ahead: no warm-up call
-                row["jax"].setdefault(name, {})["peak_mib"] = mem
-            times = time_interleaved(
-                {k: v for k, v in fns.items() if k not in skipped}, args.repeats
-            )
-            for name, t in times.items():
-                row["jax"][name]["time_s"] = t
-            unit = times["grad"]
-            for name, t in times.items():
-                row["jax"][name]["ratio"] = t / unit
-            if "step_joint" in times:
-                for name in [k for k in times if k.startswith("step_")]:
-                    row["jax"][name]["ratio"] = times[name] / times["step_joint"]
-            if has_torch:
-                for method in ("grad", "func") + (("backpack",) if has_backpack else ()):
-                    if method == "backpack" and model == "transformer":
-                        row["torch"][method] = {
-                            "error": "unsupported: BackPACK's Variance has no "
-                            "LayerNorm, MultiheadAttention or free-Parameter rule"
-                        }
-                        continue
-                    row["torch"][method] = run_torch(model, size, n, method, args)
-            rows.append(row)
-            print(row_line(row), flush=True)
-            write(out, make_result(args, jax, notes, rows))
+    started = time.perf_counter()
+    for model, n, sweep in plan:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            notes.append(f"time budget ({args.budget_s:.0f} s) spent: skipped {model} B={n}")
+            continue
+        size = model_size(model, args.quick)
+        train = n in train_sizes and sweep == "batch" or sweep == "params"
+        fns, num_params, model_notes = jax_functions(
+            model, size, n, train, stats=stats, steps=steps if train else ()
+        )
+        notes.extend(x for x in model_notes if x not in notes)
+        per_example_bytes = n * NUM_SOURCES * num_params * 4
+        row = {
+            "model": model,
+            "sweep": sweep,
+            "batch": n,
+            "params": int(num_params),
+            "jax": {},
+            "torch": {},
+        }
+        skipped = []
+        for name in ("vmap", "vmap_chunked"):
+            limit = args.vmap_max_gib * 2**30 * (CHUNK / n if name == "vmap_chunked" else 1)
+            if name in fns and per_example_bytes > limit:
+                skipped.append(name)
+                row["jax"][name] = {"skipped": f"B x S x P = {per_example_bytes / 2**30:.1f} GiB"}
+        for name, (fn, fn_args) in list(fns.items()):
+            if name in skipped:
+                continue
+            compiled, mem, seconds, ops = compile_with_memory(fn, *fn_args)
+            fns[name] = (compiled, fn_args)  # compiled ahead: no warm-up call
+            row["jax"].setdefault(name, {}).update(peak_mib=mem, compile_s=seconds, ops=ops)
+        times = time_interleaved(
+            {k: v for k, v in fns.items() if k not in skipped}, args.repeats, clock=args.clock
+        )
+        for name, t in times.items():
+            row["jax"][name]["time_s"] = t
+            row["jax"][name]["ratio"] = t / times["grad"]
+        if "step_joint" in times:
+            joint = row["jax"]["step_joint"]
+            for name in [k for k in times if k.startswith("step_")]:
+                e = row["jax"][name]
+                e["ratio"] = times[name] / times["step_joint"]
+                e["compile_ratio"] = e["compile_s"] / joint["compile_s"]
+        if has_torch and sweep == "batch":
+            for method in ("grad", "func") + (("backpack",) if has_backpack else ()):
+                if method == "backpack" and model_family(model) == "transformer":
+                    row["torch"][method] = {
+                        "error": "unsupported: BackPACK's Variance has no "
+                        "LayerNorm, MultiheadAttention or free-Parameter rule"
+                    }
+                    continue
+                if method == "func" and per_example_bytes > 64 * SKIP_ABOVE_BYTES:
+                    row["torch"][method] = {"error": "skipped: too slow at this size"}
+                    continue
+                row["torch"][method] = run_torch(model, size, n, method, args)
+        rows.append(row)
+        print(row_line(row), flush=True)
+        write(out, make_result(args, jax, notes, rows))
 
     result = make_result(args, jax, notes, rows)
     write(out, result)
     print()
     print(table(result))
+    if args.suite == "scaling" or args.plot:
+        png = args.plot or os.path.splitext(out)[0] + ".png"
+        drawn = plot(result, png)
+        print(f"\nwrote {png}" if drawn else f"\nno plot: {drawn.reason}")
+        result["plot"] = png if drawn else None
+        write(out, result)
     print(f"\nwrote {out}")
     return result
 
@@ -644,12 +853,42 @@ def write(path, result):
         json.dump(result, f, indent=1)
 
 
+def library_commit() -> str:
+    """The last commit that changed ``bogc_jax/`` in this checkout (``+dirty`` with
+    uncommitted changes there)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "bogc_jax"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "bogc_jax"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return (commit or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def make_result(args, jax, notes, rows):
+    device = jax.devices()[0]
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "suite": args.suite,
         "quick": args.quick,
         "threads": args.threads,
         "repeats": args.repeats,
+        "clock": args.clock,
+        "library_commit": library_commit(),
+        "device": {
+            "platform": device.platform,
+            "kind": getattr(device, "device_kind", str(device)),
+            "count": jax.device_count(),
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -661,6 +900,8 @@ def make_result(args, jax, notes, rows):
             "torch": "fresh process per method: peak RSS (VmHWM, reset after "
             "start-up) minus RSS before the first call",
         },
+        "timing_method": "compiled ahead (lower + compile, timed: compile_s); medians over "
+        "interleaved repeats",
         "notes": notes,
         "rows": rows,
     }
@@ -668,91 +909,169 @@ def make_result(args, jax, notes, rows):
 
 def row_line(row) -> str:
     j = row["jax"]
-    return (
-        f"{row['model']:>11} B={row['batch']:<4} grad {fmt(j['grad'].get('time_s', 0) * 1e3)}"
-        f" ms, fast x{fmt(j['fast'].get('ratio'))}, vmap x{fmt(j['vmap'].get('ratio'))}"
-    )
+    parts = [f"{row['model']:>14} B={row['batch']:<5} P={row['params'] / 1e6:.2f}M"]
+    parts.append(f"grad {fmt(j['grad'].get('time_s', 0) * 1e3)} ms")
+    for name in ("fast", "vmap"):
+        if "ratio" in j.get(name, {}):
+            parts.append(f"{name} x{fmt(j[name]['ratio'])}")
+    for name in ("step_bogc", "step_mmpareto"):
+        if "ratio" in j.get(name, {}):
+            parts.append(f"{name[5:]} x{fmt(j[name]['ratio'])}")
+    return ", ".join(parts)
 
 
 def table(result) -> str:
-    """Markdown tables: statistics (time ratios, peak memory), training steps, peers."""
+    """Markdown tables: statistics (time ratios, peak memory), training steps (time and
+    compile-time ratios, peak memory), the PyTorch peers."""
+    rows = result["rows"]
     lines = [
+        f"Device: {result['device']['kind']} ({result['device']['platform']}); library "
+        f"{result['library_commit'][:12]}",
+        "",
         "Statistics per batch: time / one batch gradient (peak MiB)",
         "",
-        "| model | B | grad ms | fast | vmap | vmap chunked | torch.func | BackPACK |"
+        "| model | P | B | grad ms | fast | vmap | vmap chunked | torch.func | BackPACK |"
         " torch grad ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in result["rows"]:
+
+    def cell(entry, unit_s=None):
+        if not entry:
+            return "-"
+        if "skipped" in entry:
+            return f"skipped ({entry['skipped']})"
+        if "error" in entry:
+            return "n/a"
+        ratio = entry.get("ratio")
+        if ratio is None and unit_s:
+            ratio = entry["time_s"] / unit_s
+        return f"{fmt(ratio)}x ({fmt(entry.get('peak_mib'))})"
+
+    for row in rows:
         j, t = row["jax"], row["torch"]
-
-        def cell(entry, unit_s=None):
-            if not entry:
-                return "-"
-            if "skipped" in entry:
-                return f"skipped ({entry['skipped']})"
-            if "error" in entry:
-                return "n/a"
-            ratio = entry.get("ratio")
-            if ratio is None and unit_s:
-                ratio = entry["time_s"] / unit_s
-            return f"{fmt(ratio)}x ({fmt(entry.get('peak_mib'))})"
-
         tg = t.get("grad", {}).get("time_s")
         lines.append(
-            f"| {row['model']} | {row['batch']} | {fmt(j['grad']['time_s'] * 1e3)} "
-            f"({fmt(j['grad'].get('peak_mib'))}) | {cell(j.get('fast'))} | {cell(j.get('vmap'))} | "
-            f"{cell(j.get('vmap_chunked'))} | {cell(t.get('func'), tg)} | "
-            f"{cell(t.get('backpack'), tg)} | {fmt(tg * 1e3 if tg else None)} |"
+            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['batch']} | "
+            f"{fmt(j['grad']['time_s'] * 1e3)} ({fmt(j['grad'].get('peak_mib'))}) | "
+            f"{cell(j.get('fast'))} | {cell(j.get('vmap'))} | {cell(j.get('vmap_chunked'))} | "
+            f"{cell(t.get('func'), tg)} | {cell(t.get('backpack'), tg)} | "
+            f"{fmt(tg * 1e3 if tg else None)} |"
         )
-    lines += [
-        "",
-        "Same work, absolute: fast (JAX) vs the PyTorch peers, ms",
-        "",
-        "| model | B | fast | torch.func | BackPACK |",
-        "|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        j, t = row["jax"], row["torch"]
+    if any(row["torch"] for row in rows):
+        lines += [
+            "",
+            "Same work, absolute: fast (JAX) vs the PyTorch peers, ms",
+            "",
+            "| model | B | fast | torch.func | BackPACK |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            j, t = row["jax"], row["torch"]
+            if not t:
+                continue
 
-        def ms(entry):
-            if not entry:
-                return "-"
-            if "error" in entry:
-                return f"n/a ({entry['error'][:60]})"
-            return fmt(entry["time_s"] * 1e3)
+            def ms(entry):
+                if not entry:
+                    return "-"
+                if "error" in entry:
+                    return f"n/a ({entry['error'][:60]})"
+                return fmt(entry["time_s"] * 1e3)
 
-        lines.append(
-            f"| {row['model']} | {row['batch']} | {ms(j.get('fast'))} | "
-            f"{ms(t.get('func'))} | {ms(t.get('backpack'))} |"
-        )
-    steps = [r for r in result["rows"] if "step_joint" in r["jax"]]
+            lines.append(
+                f"| {row['model']} | {row['batch']} | {ms(j.get('fast'))} | "
+                f"{ms(t.get('func'))} | {ms(t.get('backpack'))} |"
+            )
+    steps = [r for r in rows if "time_s" in r["jax"].get("step_joint", {})]
     if steps:
         names = sorted(
             {k for r in steps for k in r["jax"] if k.startswith("step_")},
-            key=lambda k: (k != "step_joint", k),
+            key=lambda k: (k != "step_joint", STEPS.index(k[5:]) if k[5:] in STEPS else 99),
         )
-        lines += [
-            "",
-            "Training step / joint step (joint in ms)",
-            "",
-            "| model | B | " + " | ".join(k[5:] for k in names) + " |",
-            "|---|---|" + "---|" * len(names),
-        ]
-        for r in steps:
-            cells = []
-            for k in names:
-                e = r["jax"].get(k)
-                if not e or "time_s" not in e:
-                    cells.append("-")
-                elif k == "step_joint":
-                    cells.append(f"{fmt(e['time_s'] * 1e3)} ms")
-                else:
-                    cells.append(f"{fmt(e['ratio'])}x")
-            lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + " |")
+        header = "| model | P | B | " + " | ".join(k[5:] for k in names) + " |"
+        rule = "|---|---|---|" + "---|" * len(names)
+        blocks = (
+            ("Training step / joint step (joint in ms)", "ratio", "time_s", 1e3, " ms"),
+            ("Compile time / joint step's (joint in s)", "compile_ratio", "compile_s", 1, " s"),
+            ("Operations in the lowered step (StableHLO)", None, "ops", 1, ""),
+            ("Training step peak memory, MiB", None, "peak_mib", 1, ""),
+        )
+        for title, ratio_key, abs_key, scale, unit in blocks:
+            lines += ["", title, "", header, rule]
+            for r in steps:
+                cells = []
+                for k in names:
+                    e = r["jax"].get(k, {})
+                    if abs_key not in e or e[abs_key] is None:
+                        cells.append("-")
+                    elif ratio_key is None or k == "step_joint":
+                        cells.append(f"{fmt(e[abs_key] * scale)}{unit}")
+                    else:
+                        cells.append(f"{fmt(e[ratio_key])}x")
+                lines.append(
+                    f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['batch']} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
     if result["notes"]:
         lines += [""] + [f"note: {x}" for x in result["notes"]]
     return "\n".join(lines)
+
+
+class _NotDrawn:
+    def __init__(self, reason):
+        self.reason = reason
+
+    def __bool__(self):
+        return False
+
+
+CURVES = ("grad", "fast", "vmap", "step_joint", "step_bogc", "step_mmpareto", "step_cggm")
+
+
+def plot(result, path):
+    """Log-log PNG: seconds against B (one panel per model of the B sweep) and against P."""
+    try:
+        import matplotlib  # pylint: disable=g-import-not-at-top
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return _NotDrawn("matplotlib is not installed (pip install matplotlib)")
+    rows = result["rows"]
+    by_batch = {}
+    for r in rows:
+        if r.get("sweep", "batch") == "batch":
+            by_batch.setdefault(r["model"], []).append(r)
+    by_params = [r for r in rows if r.get("sweep") == "params"]
+    panels = [(f"{m}: time vs batch size B", "batch", rs) for m, rs in by_batch.items()]
+    if by_params:
+        panels.append(
+            (f"MLPs at B={by_params[0]['batch']}: time vs parameters P", "params", by_params)
+        )
+    if not panels:
+        return _NotDrawn("no rows")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, key, rs) in zip(axes[0], panels):
+        rs = sorted(rs, key=lambda r: r[key])
+        for name in CURVES:
+            pts = [
+                (r[key], r["jax"][name]["time_s"]) for r in rs if "time_s" in r["jax"].get(name, {})
+            ]
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), marker="o", label=name.replace("step_", "step "))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("B" if key == "batch" else "P (parameters)")
+        ax.set_ylabel("seconds")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device']['kind']}, library {result['library_commit'][:10]}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

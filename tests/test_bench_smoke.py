@@ -1,37 +1,58 @@
-"""The benchmark script runs end to end on tiny shapes and writes its JSON."""
+"""The GPU benchmark suite runs unchanged on a CPU with --quick, end to end, and writes its
+JSON (device, library commit, statistics, steps, compile times, memory) and its plot."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
 
 
-def test_bench_quick_runs(tmp_path):
+def test_gpu_suite_quick_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [
             sys.executable,
             os.path.join(ROOT, "benchmarks", "bench.py"),
+            "--suite",
+            "gpu",
             "--quick",
-            "--no-torch",
             "--out",
             str(out),
         ],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| mlp | 8 |" in proc.stdout and "Training step / joint step" in proc.stdout
+    assert "Training step / joint step" in proc.stdout and "Compile time" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["suite"] == "gpu" and result["device"]["platform"] == "cpu"
+    assert result["library_commit"] != "unknown"
     (row,) = result["rows"]
+    assert f"| {row['model']} |" in proc.stdout
     jax_rows = row["jax"]
-    for name in ("grad", "fast", "vmap", "vmap_chunked", "step_joint", "step_bogc"):
-        assert jax_rows[name]["time_s"] > 0, name
-        assert jax_rows[name]["peak_mib"] is None or jax_rows[name]["peak_mib"] >= 0
+    for name in ("grad", "fast", "vmap") + tuple(f"step_{s}" for s in STEPS):
+        entry = jax_rows[name]
+        assert entry["time_s"] > 0 and entry["compile_s"] > 0 and entry["ops"] > 0, name
+        assert entry["peak_mib"] is None or entry["peak_mib"] >= 0, name
     assert jax_rows["grad"]["ratio"] == 1.0 and jax_rows["step_joint"]["ratio"] == 1.0
+    assert jax_rows["step_joint"]["compile_ratio"] == 1.0
+    # The statistics do more work than one batch gradient: more operations to compile.
+    assert jax_rows["step_bogc"]["ops"] > jax_rows["step_joint"]["ops"]
+
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench  # pylint: disable=g-import-not-at-top
+
+    second = dict(row, batch=2 * row["batch"])
+    png = tmp_path / "scaling.png"
+    assert bench.plot(dict(result, rows=[row, second]), str(png))
+    assert png.stat().st_size > 1000
