@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bogc_jax as bj
-from bogc_jax import fast_stats
+from bogc_jax._fast_stats import kernels as fast_stats_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,8 +129,8 @@ def test_shared_positions_dense_and_dot_general_layouts():
     def losses_fn(p, x):
         h = jnp.tanh(x @ p["w"])  # weight shared over T
         g = jnp.einsum("btd,hdk->bthk", x, p["u"])  # multi-axis output
-        l = jnp.einsum("td,btd->bt", p["left"], x)  # weight as the lhs, batch dims
-        return jnp.stack([h.sum((1, 2)), jnp.square(g).sum((1, 2, 3)), (l * h[..., 0]).sum(1)])
+        left = jnp.einsum("td,btd->bt", p["left"], x)  # weight as the lhs, batch dims
+        return jnp.stack([h.sum((1, 2)), jnp.square(g).sum((1, 2, 3)), (left * h[..., 0]).sum(1)])
 
     # "left" has one position per group t (dot_general batch dims): still a closed form.
     assert labels(losses_fn, params, x) == ["dense"] + ["dense (shared positions)"] * 2
@@ -352,7 +352,7 @@ def test_auto_falls_back_per_leaf():
 
 def test_materialised_leaves_stream_in_chunks(monkeypatch):
     """A budget smaller than one batch forces the chunked (scan + Chan) path."""
-    monkeypatch.setattr(fast_stats, "MATERIALISE_BUDGET", 64)
+    monkeypatch.setattr(fast_stats_kernels, "MATERIALISE_BUDGET", 64)
     losses_fn, params, x = scan_model(recurrent=False)  # tied and softplus leaves
     assert_stats_close(*both(losses_fn, params, x))
     model = SmallCNN(nnx.Rngs(2))
