@@ -305,9 +305,10 @@ def replicate_on_context_mesh(tree: PyTree) -> PyTree:
     Under ``jit`` on a mesh with explicit axes, parameters that were never placed (no
     ``device_put``) carry no mesh, and combining them with a sharded batch inside ``vmap``
     fails; replicating them, as ``device_put(params, NamedSharding(mesh, P()))`` would,
-    changes no value. The identity when no mesh is set.
+    changes no value. The identity when no mesh with explicit axes is set.
     """
-    if jax.sharding.get_abstract_mesh().empty:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
         return tree
     spec = jax.sharding.PartitionSpec()
     return jax.tree.map(lambda x: jax.sharding.reshard(x, spec) if _on_no_mesh(x) else x, tree)
