@@ -52,8 +52,15 @@ __all__ = ["GradStats", "Method", "merge_grad_stats", "source_grad_stats"]
 def merge_grad_stats(a: GradStats, b: GradStats) -> GradStats:
     """Statistics of the union of two disjoint batches, from the statistics of each.
 
-    Exact (Chan's formula); use it to accumulate statistics over micro-batches. A leaf that
-    is ``None`` in both (statistics on a subset of the parameters) stays ``None``.
+    Exact (Chan's formula); use it to accumulate statistics over micro-batches. With
+    ``m2 = var * (count - 1)`` and ``delta = b.mean - a.mean``:
+
+        n    = a.count + b.count
+        mean = a.mean + delta * b.count / n
+        var  = (m2_a + m2_b + delta**2 * a.count * b.count / n) / (n - 1)
+
+    A leaf that is ``None`` in both (statistics on a subset of the parameters) stays
+    ``None``; ``None`` in one only is an error.
 
     Args:
       a: statistics of one batch.

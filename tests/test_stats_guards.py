@@ -143,6 +143,44 @@ def test_merge_grad_stats_with_none_in_one_input_only_names_the_leaf():
         bj.merge_grad_stats(a, (a.count, a.mean, a.var))
 
 
+@hypothesis.given(
+    none_a=st.lists(st.booleans(), min_size=3, max_size=3),
+    none_b=st.lists(st.booleans(), min_size=3, max_size=3),
+    counts=st.tuples(st.integers(2, 9), st.integers(2, 9)),
+    seed=st.integers(0, 1000),
+)
+@SETTINGS
+def test_merge_grad_stats_none_patterns(none_a, none_b, counts, seed):
+    """An error exactly when the None leaves differ; else None where both are None and, on
+    every other leaf, the moments of the concatenated samples."""
+    rng = np.random.default_rng(seed)
+    names = ("u", "v", "w")
+    samples = [{k: rng.normal(size=(c, 2, 3)).astype(np.float32) for k in names} for c in counts]
+
+    def stats_of(sample, nones):
+        mean = {k: None if off else jnp.asarray(sample[k].mean(0)) for k, off in zip(names, nones)}
+        var = {
+            k: None if off else jnp.asarray(sample[k].var(0, ddof=1))
+            for k, off in zip(names, nones)
+        }
+        return bj.GradStats(jnp.float32(len(sample["u"])), mean, var)
+
+    a, b = stats_of(samples[0], none_a), stats_of(samples[1], none_b)
+    if none_a != none_b:
+        with pytest.raises(ValueError, match="is None but"):
+            bj.merge_grad_stats(a, b)
+        return
+    merged = bj.merge_grad_stats(a, b)
+    assert float(merged.count) == sum(counts)
+    for k, off in zip(names, none_a):
+        if off:
+            assert merged.mean[k] is None and merged.var[k] is None
+            continue
+        whole = np.concatenate([samples[0][k], samples[1][k]]).astype(np.float64)
+        np.testing.assert_allclose(merged.mean[k], whole.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(merged.var[k], whole.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------
 # Integer options: NumPy ints accepted, bools rejected; keyword-only hyper-parameters.
 
