@@ -23,6 +23,9 @@ Datasets (``load_dataset(name)``):
 * ``basicmotions``: BasicMotions (accelerometer vs gyroscope), official 40 / 40 split,
   read from the ``.ts`` files that ship inside the ``sktime`` wheel or from the original
   UEA archive files.
+* ``cgmnist`` / ``cgmnistNN``: coloured-and-gray MNIST (``experiments.cgmnist``): a gray
+  and a coloured view of each digit, the colour matching the class in training (for
+  ``NN``% of the training examples; 100 for ``cgmnist``) and random at test.
 
 The data directory is, in order: the ``data_dir`` argument (the CLI's ``--data-dir``),
 the ``BOGC_JAX_DATA`` environment variable, ``../shared/data`` next to the project root.
@@ -114,7 +117,7 @@ UCI_MF_VIEW_NAMES = {
 }
 
 # Kinds of modality, each with its own encoder family in experiments.models:
-#   "image"  [H, W]      2-D conv (or MLP)
+#   "image"  [H, W] or [C, H, W] (colour channels first)   2-D conv (or MLP)
 #   "video"  [T, H, W]   2-D conv over frames stacked as channels (or MLP)
 #   "series" [T, C]      1-D conv over time (or MLP / transformer)
 #   "vector" [D]         MLP
@@ -143,6 +146,10 @@ class Dataset:
       groups_train: optional int ``[N_train]``: who made each training example (a subject,
         a speaker) where the test split holds out such groups; a validation split then
         holds out whole groups too.
+      x_train_as_test: optional, like ``x_train``: the same training examples as the test
+        split's protocol presents them, where train and test differ by design (``cgmnist``
+        colours its test digits at random); a validation split takes its held-out inputs
+        from here, so that it measures what the test split measures.
     """
 
     name: str
@@ -156,6 +163,7 @@ class Dataset:
     class_names: tuple[str, ...] | None = None
     info: dict = dataclasses.field(default_factory=dict)
     groups_train: np.ndarray | None = None
+    x_train_as_test: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self):
         m = len(self.modalities)
@@ -178,6 +186,14 @@ class Dataset:
                     f"Dataset {self.name!r}: {split} arrays disagree on the number "
                     f"of examples: {[len(x) for x in xs]} vs {len(y)} labels."
                 )
+        if self.x_train_as_test is not None and [x.shape for x in self.x_train_as_test] != [
+            x.shape for x in self.x_train
+        ]:
+            raise ValueError(
+                f"Dataset {self.name!r}: x_train_as_test must have x_train's shapes "
+                f"{[x.shape for x in self.x_train]}; got "
+                f"{[x.shape for x in self.x_train_as_test]}."
+            )
 
     @property
     def num_modalities(self) -> int:
@@ -202,8 +218,10 @@ class Dataset:
 
         m = self.num_modalities
         groups = () if self.groups_train is None else (self.groups_train,)
-        train, y_tr = take(tuple(self.x_train) + groups, self.y_train, num_train)
+        as_test = () if self.x_train_as_test is None else tuple(self.x_train_as_test)
+        train, y_tr = take(tuple(self.x_train) + groups + as_test, self.y_train, num_train)
         x_te, y_te = take(self.x_test, self.y_test, num_test)
+        rest = train[m + len(groups) :]
         return dataclasses.replace(
             self,
             x_train=tuple(train[:m]),
@@ -211,6 +229,7 @@ class Dataset:
             x_test=x_te,
             y_test=y_te,
             groups_train=train[m] if groups else None,
+            x_train_as_test=tuple(rest) if as_test else None,
         )
 
     def validation_split(self, fraction: float, seed: int = 0) -> Dataset:
@@ -222,6 +241,7 @@ class Dataset:
         ceil(G / c) - 1`` hold out every group (disjoint folds when ``c`` divides ``G``). Otherwise
         ``fraction`` of each class's training examples (at least one per class), drawn with
         ``seed``. The real test split is dropped, so choices made on the result never see it.
+        The held-out inputs come from ``x_train_as_test`` when the dataset has it.
         """
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"validation fraction must be in (0, 1); got {fraction}.")
@@ -248,11 +268,15 @@ class Dataset:
                     held[idx[: max(1, int(round(fraction * len(idx))))]] = True
             how = f"{fraction:g} of each class of train"
         groups_left = None if self.groups_train is None else self.groups_train[~held]
+        held_source = self.x_train if self.x_train_as_test is None else self.x_train_as_test
         return dataclasses.replace(
             self,
             x_train=tuple(x[~held] for x in self.x_train),
             y_train=self.y_train[~held],
-            x_test=tuple(x[held] for x in self.x_train),
+            x_test=tuple(x[held] for x in held_source),
+            x_train_as_test=(
+                None if self.x_train_as_test is None else tuple(x[~held] for x in held_source)
+            ),
             y_test=self.y_train[held],
             groups_train=groups_left,
             info={
@@ -992,6 +1016,51 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+def _load_cgmnist(data_dir: pathlib.Path, seed: int = 0, use_cache: bool = True, **options):
+    from experiments import cgmnist  # pylint: disable=g-import-not-at-top  (it imports us)
+
+    return cgmnist.load_cgmnist(data_dir, seed=seed, use_cache=use_cache, **options)
+
+
+_CGMNIST_DIAL = re.compile(r"^cgmnist(\d{1,3})$")
+
+
+def _cgmnist_spec(percent: int) -> DatasetSpec:
+    name = "cgmnist" if percent == 100 else f"cgmnist{percent}"
+    return DatasetSpec(
+        _load_cgmnist,
+        {"correlation": percent / 100, "name": name},
+        f"MNIST gray + coloured view, colour = class for {percent}% of train, random at test",
+        True,
+    )
+
+
+DATASETS.update(
+    {
+        "cgmnist": _cgmnist_spec(100),
+        "cgmnist90": _cgmnist_spec(90),
+        "cgmnist80": _cgmnist_spec(80),
+        "cgmnist70": _cgmnist_spec(70),
+    }
+)
+
+
+def dataset_spec(name: str) -> DatasetSpec | None:
+    """The registry entry of ``name`` (a key of ``DATASETS``, or ``cgmnistNN`` for any
+    colour correlation ``NN`` in 0..100), or None."""
+    if name in DATASETS:
+        return DATASETS[name]
+    match = _CGMNIST_DIAL.match(name)
+    if match and int(match.group(1)) <= 100 and match.group(1) == str(int(match.group(1))):
+        return _cgmnist_spec(int(match.group(1)))
+    return None
+
+
+def is_dataset(name: str) -> bool:
+    """Whether :func:`load_dataset` knows ``name``."""
+    return dataset_spec(name) is not None
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -1002,15 +1071,36 @@ def load_dataset(
     """Load a registered dataset by name (see ``DATASETS``).
 
     Args:
-      name: a key of ``DATASETS``.
+      name: a key of ``DATASETS`` (or ``cgmnistNN``, see :func:`dataset_spec`).
       data_dir: the data directory (default: ``$BOGC_JAX_DATA`` or ``../shared/data``).
-      seed: the data seed (pairing for AV digits, split for UCI MF; ignored where the
-        split is fixed).
+      seed: the data seed (pairing for AV digits, split for UCI MF, colours for
+        cgmnist; ignored where the data are fixed).
       use_cache: read/write the preprocessing cache.
       **options: passed to the loader (e.g. ``num_frames`` for AV digits).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}.")
-    spec = DATASETS[name]
+    spec = dataset_spec(name)
+    if spec is None:
+        raise ValueError(
+            f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} (or cgmnistNN)."
+        )
     kwargs = {**spec.options, **options}
     return spec.loader(resolve_data_dir(data_dir), seed=seed, use_cache=use_cache, **kwargs)
+
+
+def load_for_run(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    data_seed: int = 0,
+    validation: float | None = None,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> Dataset:
+    """:func:`load_dataset`, then (optionally) :meth:`Dataset.validation_split` with
+    ``validation`` and ``data_seed``, then (optionally) :meth:`Dataset.subset`."""
+    dataset = load_dataset(name, data_dir, seed=data_seed)
+    if validation:
+        dataset = dataset.validation_split(validation, seed=data_seed)
+    if max_train or max_test:
+        dataset = dataset.subset(max_train, max_test, seed=data_seed)
+    return dataset

@@ -5,6 +5,15 @@ Optax transform (already chained with the base optimizer) and a function computi
 extra arguments of ``tx.update`` for one step (``grad_stats=`` for BOGC and MMPareto,
 ``modality_scores=`` for CGGM and OGM-GE). Everything runs inside the jitted step.
 
+The training step (``experiments.train``) is the same for every method unless the method
+brings its own: a method whose step is not "a gradient, then ``tx.update``" (for example a
+representation-space method that computes the encoders' outputs, the heads' posteriors
+and one encoder VJP) sets ``MethodParts.step`` to a function ``(params, opt_state,
+batch, key) -> (params, opt_state, losses [S])``; the trainer jits it, feeds it the same
+batches and PRNG keys as every other method, and evaluates and records the result the
+same way. ``ctx.fn`` gives the pieces such a step needs (``features``,
+``feature_losses``, ``fuse``).
+
 Every method trains the same model with the same per-source losses ``[1 + M, B]``
 (fusion first, then one per auxiliary head). The ordinary gradient handed to
 ``tx.update`` is that of ``sum_s mean_b losses[s]``. Methods differ in
@@ -28,6 +37,7 @@ import optax
 
 import bogc_jax as bj
 from experiments import models
+from experiments.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +49,9 @@ class Context:
       fn: the model's pure functions (``experiments.models.Functional``).
       params: the initial parameters (a plain dict), e.g. to build labels.
       base: the base optimizer (``optax.adam`` or ``optax.sgd`` with momentum).
-      hparams: method hyper-parameters from the CLI (``kappa``, ``gamma``, ``rho``, ...).
-      stats_method: ``method=`` for ``bj.source_grad_stats``.
-      stats_chunk: ``chunk_size=`` for ``bj.source_grad_stats``.
+      config: the run's :class:`experiments.config.TrainConfig` (the methods'
+        hyper-parameters ``kappa``, ``gamma``, ``rho``, ..., and the statistics options
+        ``stats_method`` and ``stats_chunk``).
       num_train: the number of training examples (the Laplace posterior's ``N``).
     """
 
@@ -49,9 +59,7 @@ class Context:
     fn: models.Functional
     params: Any
     base: optax.GradientTransformation
-    hparams: dict
-    stats_method: str = "auto"
-    stats_chunk: int | None = None
+    config: TrainConfig = TrainConfig()
     num_train: int | None = None
 
 
@@ -69,12 +77,31 @@ class MethodParts:
         training loss (CGGM's direction term).
       init: optional ``(params, seed) -> opt_state`` (default ``tx.init(params)``), for
         transforms whose state holds a seed.
+      grads_from_stats: the gradient handed to ``tx.update`` is
+        ``extra_args(...)["grad_stats"].fixed_weight_grads()`` (the gradient of the summed
+        losses, which the statistics already hold) instead of a second backward pass. Only
+        for methods whose statistics hold the batch gradient of every leaf (not the
+        Laplace reading's, which covers the encoders' last layers) and that add no
+        ``extra_loss``.
+      step: optional ``(params, opt_state, batch, key) -> (params, opt_state, losses)``
+        replacing the default step (``losses``: ``[S]`` batch-mean training losses, fusion
+        first); ``tx``/``init`` still give the initial state. ``extra_args``,
+        ``extra_loss`` and ``grads_from_stats`` are then unused.
     """
 
     tx: optax.GradientTransformation
     extra_args: Callable[..., dict] = lambda params, batch, out, opt_state, key: {}
     extra_loss: Callable[..., jax.Array] | None = None
     init: Callable[..., Any] | None = None
+    grads_from_stats: bool = False
+    step: Callable[..., tuple[Any, Any, jax.Array]] | None = None
+
+    def __post_init__(self):
+        if self.grads_from_stats and self.extra_loss is not None:
+            raise ValueError(
+                "MethodParts: grads_from_stats=True takes the gradient of the per-source "
+                "losses from the statistics, which do not include extra_loss; set one of them."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +148,11 @@ def _grad_stats_args(ctx: Context):
     def extra_args(params, batch, out, opt_state, key):
         del out, opt_state, key
         stats = bj.source_grad_stats(
-            ctx.fn.losses, params, batch, method=ctx.stats_method, chunk_size=ctx.stats_chunk
+            ctx.fn.losses,
+            params,
+            batch,
+            method=ctx.config.stats_method,
+            chunk_size=ctx.config.stats_chunk,
         )
         return {"grad_stats": stats}
 
@@ -129,20 +160,20 @@ def _grad_stats_args(ctx: Context):
 
 
 def _bogc_transform(ctx: Context, aggregation: str, gamma: float | None, noise: str):
-    h = ctx.hparams
+    cfg = ctx.config
     return bj.bogc(
-        ctx.num_modalities + 1,
-        kappa=h.get("kappa", 1.0),
-        gamma=h.get("gamma", 1.0) if gamma is None else gamma,
+        num_sources=ctx.num_modalities + 1,
+        kappa=cfg.kappa,
+        gamma=cfg.gamma if gamma is None else gamma,
         aggregation=aggregation,
-        noise=h.get("noise", noise),
+        noise=cfg.noise or noise,
     )
 
 
 def _bogc(aggregation: str, gamma: float | None = None, noise: str = "absolute"):
     def make(ctx: Context) -> MethodParts:
         tx = optax.chain(_bogc_transform(ctx, aggregation, gamma, noise), ctx.base)
-        return MethodParts(tx=tx, extra_args=_grad_stats_args(ctx))
+        return MethodParts(tx=tx, extra_args=_grad_stats_args(ctx), grads_from_stats=True)
 
     return make
 
@@ -157,7 +188,7 @@ def _bogc_laplace(ctx: Context) -> MethodParts:
     calibrated means are the batch gradients and the draws give the variances. Other
     leaves pass the fixed-weight sum through.
     """
-    h = ctx.hparams
+    cfg = ctx.config
     mask = models.encoder_output_mask(ctx.params)
     tx = optax.chain(_bogc_transform(ctx, "dempster", None, "absolute"), ctx.base)
 
@@ -169,15 +200,17 @@ def _bogc_laplace(ctx: Context) -> MethodParts:
             batch,
             key,
             mask=mask,
-            num_samples=h.get("laplace_samples", 8),
-            damping=h.get("laplace_damping", 1.0),
+            num_samples=cfg.laplace_samples,
+            damping=cfg.laplace_damping,
             dataset_size=ctx.num_train,
-            center=h.get("laplace_center", "batch"),
-            method=ctx.stats_method,
-            chunk_size=ctx.stats_chunk,
+            center=cfg.laplace_center,
+            method=cfg.stats_method,
+            chunk_size=cfg.stats_chunk,
         )
         return {"grad_stats": stats}
 
+    # The statistics cover the masked leaves only (None elsewhere), so the gradient of
+    # every leaf comes from the backward pass.
     return MethodParts(tx=tx, extra_args=extra_args)
 
 
@@ -215,11 +248,11 @@ def _cggm(mode: str, direction: str, after_optimizer: bool = False):
     """
 
     def make(ctx: Context) -> MethodParts:
-        h, m = ctx.hparams, ctx.num_modalities
-        lam = h.get("cggm_lambda", 0.1)
+        m = ctx.num_modalities
+        lam = ctx.config.cggm_lambda
         # The classifiers (auxiliary heads on stop-gradient features) train on their own
         # Adam (5e-4, as in the official scripts), outside the modulation and the clipping.
-        modulate = bj.cggm(encoder_labels, rho=h.get("rho", 1.3), mode=mode)
+        modulate = bj.cggm(encoder_labels, rho=ctx.config.rho, mode=mode)
         if after_optimizer:
             model_tx = optax.chain(optax.clip_by_global_norm(0.8), ctx.base, modulate)
         else:
@@ -272,8 +305,8 @@ def _cggm(mode: str, direction: str, after_optimizer: bool = False):
 
 
 def _ogm_ge(ctx: Context) -> MethodParts:
-    h, m = ctx.hparams, ctx.num_modalities
-    tx = optax.chain(bj.ogm_ge(encoder_labels, alpha=h.get("alpha", 0.1)), ctx.base)
+    m = ctx.num_modalities
+    tx = optax.chain(bj.ogm_ge(encoder_labels, alpha=ctx.config.alpha), ctx.base)
 
     def extra_args(params, batch, out, opt_state, key):
         del params, opt_state, key
@@ -290,15 +323,13 @@ def _ogm_ge(ctx: Context) -> MethodParts:
 
 
 def _mmpareto(ctx: Context) -> MethodParts:
-    tx = optax.chain(
-        bj.mmpareto(encoder_labels, gamma=ctx.hparams.get("pareto_gamma", 1.5)), ctx.base
-    )
+    tx = optax.chain(bj.mmpareto(encoder_labels, gamma=ctx.config.pareto_gamma), ctx.base)
 
     def extra_args(params, batch, out, opt_state, key):
         del out, opt_state, key
         return {"grad_stats": mean_grad_stats(ctx.fn.losses, params, batch)}
 
-    return MethodParts(tx=tx, extra_args=extra_args)
+    return MethodParts(tx=tx, extra_args=extra_args, grads_from_stats=True)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -429,8 +460,3 @@ def available(name: str) -> tuple[bool, str]:
             f"{', '.join('bj.' + m for m in missing)} yet"
         )
     return True, ""
-
-
-def batch_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """``[...]`` accuracy over the last-but-one (batch) axis of ``[..., B, C]`` logits."""
-    return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=-1)

@@ -85,19 +85,20 @@ class Conv1DEncoder(nnx.Module):
 
 
 class Conv2DEncoder(nnx.Module):
-    """Images ``[B, H, W]`` (or videos ``[B, T, H, W]``, frames as channels): strided 3x3
-    convs, a 2x2 average pool when more than 4x4 positions remain, flatten, ``Linear -> relu``."""
+    """Images ``[B, H, W]`` (or colour images ``[B, C, H, W]`` and videos ``[B, T, H, W]``,
+    channels or frames first): strided 3x3 convs, a 2x2 average pool when more than 4x4
+    positions remain, flatten, ``Linear -> relu``."""
 
     def __init__(
         self, in_shape: Sequence[int], channels: Sequence[int], out_dim: int, *, rngs: nnx.Rngs
     ):
         if len(in_shape) == 2:
             h, w, c = in_shape[0], in_shape[1], 1
-        elif len(in_shape) == 3:  # [T, H, W]: frames become channels
+        elif len(in_shape) == 3:  # [C, H, W] or [T, H, W]: channels or frames first
             c, h, w = in_shape
         else:
             raise ValueError(
-                f"Conv2DEncoder: in_shape must be [H, W] or [T, H, W]; got {in_shape}."
+                f"Conv2DEncoder: in_shape must be [H, W] or [C, H, W]; got {in_shape}."
             )
         dims = [c] + list(channels)
         self.convs = nnx.List(
@@ -295,6 +296,11 @@ class Functional:
         ``losses_fn`` for ``bogc_jax.source_grad_stats``.
       features: ``(params, xs) -> [h_m]``.
       fuse: ``(params, feats) -> [B, C]`` fused logits from given features.
+      feature_losses: ``(params, feats, labels) -> [1 + M, B]``: the per-source losses
+        of given features (heads with gradient), so that ``losses(params, (xs, y))`` is
+        ``feature_losses(params, features(params, xs), y)``; with ``jax.vjp`` of
+        ``features`` it gives a step in representation space (feature gradients first,
+        then one pull-back through the encoders).
     """
 
     graphdef: Any
@@ -304,6 +310,7 @@ class Functional:
     losses: Callable
     features: Callable
     fuse: Callable
+    feature_losses: Callable
 
 
 def functional(model: MultimodalModel) -> tuple[Functional, dict]:
@@ -351,8 +358,23 @@ def functional(model: MultimodalModel) -> tuple[Functional, dict]:
     def fuse(params, feats):
         return merge(params).fused_logits(feats)
 
+    def feature_losses(params, feats, labels):
+        m = merge(params)
+        fused = cross_entropy(m.fused_logits(feats), labels)
+        heads = cross_entropy(m.head_logits(feats), labels[None])
+        return jnp.concatenate([fused[None], heads], axis=0)
+
     return (
-        Functional(graphdef, model.num_modalities, apply, forward, losses, features, fuse),
+        Functional(
+            graphdef,
+            model.num_modalities,
+            apply,
+            forward,
+            losses,
+            features,
+            fuse,
+            feature_losses,
+        ),
         params,
     )
 
@@ -422,14 +444,3 @@ def encoder_output_mask(params: dict) -> dict:
         return keys[2] == "layers" and keys[3] == len(encoder["layers"]) - 1
 
     return jax.tree_util.tree_map_with_path(last_layer, params)
-
-
-def encoder_modalities(params: dict) -> dict:
-    """A tree like ``params``: ``m`` on encoder ``m``'s leaves, ``-1`` elsewhere."""
-    return jax.tree.map(
-        lambda g: int(g.split("/")[1]) if g.startswith("encoder/") else -1, param_groups(params)
-    )
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))

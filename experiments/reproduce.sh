@@ -2,17 +2,18 @@
 # Re-create every results table in README.md, in order, one command at a time.
 #
 #   bash experiments/reproduce.sh            # everything (about 2 hours on 2 CPU cores)
-#   bash experiments/reproduce.sh main sgd   # only the named parts: main, sgd, long, tune
+#   bash experiments/reproduce.sh main sgd   # only the named parts: main, sgd, long, tune, cgmnist
 #   DRY_RUN=1 bash experiments/reproduce.sh  # print the commands, run nothing
 #
 # Each command writes results/<dataset>.{json,md} (results/sgd/ for the SGD grid,
-# results/tuning/ for the validation search; summary.md: the paired differences of
-# every dataset in one table); records carry the commit that made them.
+# results/tuning/ for the validation search, results/cgmnist_dial/ for the colour-correlation
+# dial; summary.md: the paired differences of every dataset in one table); records carry
+# the commit that made them.
 # The log of what ran, when, for how long and with which exit status is appended to
 # results/experiment_log.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-parts=("${@:-main sgd long tune}")
+parts=("${@:-main sgd long tune cgmnist}")
 parts=(${parts[*]})
 log=results/experiment_log.md
 if [ -z "${DRY_RUN:-}" ] && [ ! -f "$log" ]; then
@@ -43,6 +44,8 @@ run() { step python -m experiments.run --no-progress "$@"; }
 has() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 
 ABLATION_METHODS=joint,joint_uni,bogc,bogc_relative,bogc_laplace,cggm,cggm_on_updates
+MAIN_METHODS=joint,joint_uni,bogc,cggm,ogm_ge,mmpareto
+SUMMARY_DATASETS=ucimf2,basicmotions,utdmhad2,utdmhad3,avdigits,cgmnist
 
 if has main; then  # Adam 1e-3 (the CLI's defaults), every method, 5 seeds, test split
   run --dataset utdmhad2 --methods all --seeds 5
@@ -52,7 +55,7 @@ if has main; then  # Adam 1e-3 (the CLI's defaults), every method, 5 seeds, test
   run --dataset avdigits --methods joint,joint_uni,bogc,bogc_relative --seeds 5
   run --dataset avdigits --methods bogc_precision,bogc_dimension_frame,bogc_laplace --seeds 5
   run --dataset avdigits --methods cggm,cggm_on_updates,cggm_reference,ogm_ge,mmpareto --seeds 5
-  step python -m experiments.summary
+  step python -m experiments.summary --datasets "$SUMMARY_DATASETS"
 fi
 if has sgd; then  # SGD 1e-2, momentum 0.9 on the three imbalanced datasets
   for dataset in utdmhad2 utdmhad3 avdigits; do
@@ -67,5 +70,15 @@ if has long; then  # 3x longer training on utdmhad2: Adam, and SGD with a cosine
 fi
 if has tune; then  # the validation-split search (the test split is never read)
   step python -m experiments.tune --dataset utdmhad2 --folds 4 --seeds 2
+fi
+if has cgmnist; then  # coloured-and-gray MNIST: every method, then the colour-correlation dial
+  run --dataset cgmnist --methods all --seeds 5
+  step python -m experiments.summary --datasets "$SUMMARY_DATASETS"
+  for dataset in cgmnist90 cgmnist80 cgmnist70; do
+    run --dataset "$dataset" --methods "$MAIN_METHODS" --seeds 5 --out results/cgmnist_dial
+  done
+  step python -m experiments.summary --results results/cgmnist_dial \
+    --datasets cgmnist90,cgmnist80,cgmnist70 --extra-results results/cgmnist.json \
+    --out results/cgmnist_dial/summary.md --correlation-plot results/cgmnist_correlation.png
 fi
 exit "$status"

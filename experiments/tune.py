@@ -1,13 +1,13 @@
 """A small hyper-parameter search on a validation split, then a paired summary.
 
-Each grid point is one ``experiments.run`` invocation per fold with ``--validation
-FRACTION --data-seed FOLD`` (part of the training split held out; the test split is
-never read), written to ``OUT/<dataset>/<label>/fold<k>/``. On datasets whose test split
-holds out subjects or speakers the folds hold out disjoint training groups (see
-``Dataset.validation_split``). The summary pairs every point with its natural baseline
-(``joint_uni``, the fixed-weight sum, or ``joint`` for methods whose encoders see the
-fusion loss only) trained with the same optimizer on the same fold and seed, pools the
-pairs over folds, and writes ``OUT/<dataset>.md`` and ``OUT/<dataset>.json``.
+Each grid point is a set of methods and configuration overrides, trained per fold on a
+validation split (``Dataset.validation_split(FRACTION, seed=FOLD)``: part of the training
+split held out; the test split is never read) and written to
+``OUT/<dataset>/<label>/fold<k>/``. On datasets whose test split holds out subjects or
+speakers the folds hold out disjoint training groups. The summary pairs every point with
+its natural baseline (``joint_uni``, the fixed-weight sum, or ``joint`` for methods whose
+encoders see the fusion loss only) trained with the same optimizer on the same fold and
+seed, pools the pairs over folds, and writes ``OUT/<dataset>.md`` and ``OUT/<dataset>.json``.
 
 usage: python -m experiments.tune --dataset utdmhad2 --folds 4 --seeds 2
 """
@@ -18,39 +18,47 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from experiments import run as run_lib
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import report, train
+from experiments import run as run_cli
 
-# (label, methods, extra CLI arguments). Every optimizer used here has its joint and
+# (label, methods, TrainConfig overrides). Every optimizer used here has its joint and
 # joint_uni baselines.
-GRID: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("adam", "joint,joint_uni,bogc,bogc_relative,cggm,cggm_reference", ()),
-    ("adam_laplace", "bogc_laplace", ()),
-    ("adam_laplace_draws", "bogc_laplace", ("--laplace-center", "draws")),
-    ("adam_laplace_damping10", "bogc_laplace", ("--laplace-damping", "10")),
-    ("adam_kappa0.3", "bogc,bogc_relative", ("--kappa", "0.3")),
-    ("adam_kappa3", "bogc,bogc_relative", ("--kappa", "3")),
-    ("adam_gamma2", "bogc,bogc_relative", ("--gamma", "2")),
-    ("adam_on_updates", "cggm_on_updates", ()),
-    ("adam_on_updates_rho2.6", "cggm_on_updates", ("--rho", "2.6")),
-    ("adam_rho2.6", "cggm", ("--rho", "2.6")),
-    ("adam_lambda0.5", "cggm", ("--cggm-lambda", "0.5")),
-    ("sgd", "joint,joint_uni,bogc,bogc_relative,cggm", ("--optimizer", "sgd")),
-    ("sgd_rho2.6", "cggm", ("--optimizer", "sgd", "--rho", "2.6")),
-    ("sgd_laplace", "bogc_laplace", ("--optimizer", "sgd")),
+GRID: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
+    ("adam", "joint,joint_uni,bogc,bogc_relative,cggm,cggm_reference", {}),
+    ("adam_laplace", "bogc_laplace", {}),
+    ("adam_laplace_draws", "bogc_laplace", {"laplace_center": "draws"}),
+    ("adam_laplace_damping10", "bogc_laplace", {"laplace_damping": 10.0}),
+    ("adam_kappa0.3", "bogc,bogc_relative", {"kappa": 0.3}),
+    ("adam_kappa3", "bogc,bogc_relative", {"kappa": 3.0}),
+    ("adam_gamma2", "bogc,bogc_relative", {"gamma": 2.0}),
+    ("adam_on_updates", "cggm_on_updates", {}),
+    ("adam_on_updates_rho2.6", "cggm_on_updates", {"rho": 2.6}),
+    ("adam_rho2.6", "cggm", {"rho": 2.6}),
+    ("adam_lambda0.5", "cggm", {"cggm_lambda": 0.5}),
+    ("sgd", "joint,joint_uni,bogc,bogc_relative,cggm", {"optimizer": "sgd"}),
+    ("sgd_rho2.6", "cggm", {"optimizer": "sgd", "rho": 2.6}),
+    ("sgd_laplace", "bogc_laplace", {"optimizer": "sgd"}),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.tune", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--dataset", default="utdmhad2")
-    p.add_argument("--seeds", default="3")
-    p.add_argument("--validation", type=float, default=0.25)
-    p.add_argument("--folds", type=int, default=1, help="validation folds (data seeds 0..)")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--seeds", type=run_cli.parse_seeds, default=run_cli.parse_seeds("3"))
+    p.add_argument("--validation", type=run_cli.fraction, default=0.25)
+    p.add_argument(
+        "--folds", type=run_cli.positive_int, default=1, help="validation folds (data seeds 0..)"
+    )
+    p.add_argument("--epochs", type=run_cli.positive_int)
     p.add_argument("--only", help="comma-separated grid labels to run (default: all)")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary")
     p.add_argument("--data-dir")
@@ -58,10 +66,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def summarize(out: pathlib.Path, dataset: str) -> str:
+def tune(
+    dataset: str,
+    *,
+    seeds: Sequence[int],
+    folds: int = 1,
+    validation: float = 0.25,
+    out: pathlib.Path = pathlib.Path("results/tuning"),
+    only: Sequence[str] | None = None,
+    data_dir: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    grid: Sequence[tuple[str, str, Mapping[str, Any]]] | None = None,
+) -> int:
+    """Train every grid point on every fold; returns 0, or 1 when the data are missing.
+
+    Args:
+      dataset: a registered dataset name.
+      seeds: training seeds per fold.
+      folds: validation folds (data seeds ``0 .. folds - 1``).
+      validation: the fraction of the training split held out.
+      out: the output directory.
+      only: grid labels to run (default: all).
+      data_dir: the data directory.
+      overrides: configuration overrides shared by every point (under each point's own).
+      grid: the grid (default :data:`GRID`).
+    """
+    grid = GRID if grid is None else grid
+    unknown = set(only or ()) - {label for label, _, _ in grid}
+    if unknown:
+        raise ValueError(
+            f"tune: unknown grid label(s) {sorted(unknown)}; choose from "
+            f"{[label for label, _, _ in grid]}."
+        )
+    points = [g for g in grid if only is None or g[0] in only]
+    configs = {
+        label: config_lib.dataset_config(dataset, **{**(overrides or {}), **extra})
+        for label, _, extra in points
+    }  # every configuration is checked before anything trains
+    for fold in range(folds):
+        try:
+            data = data_lib.load_for_run(
+                dataset, data_dir=data_dir, data_seed=fold, validation=validation
+            )
+        except data_lib.DataNotFoundError as err:
+            print(f"[skip] {dataset}: {err}", file=sys.stderr)
+            return 1
+        for label, methods, extra in points:
+            print(f"[tune] {label} fold {fold}: {methods} {dict(extra)}", file=sys.stderr)
+            records = train.run_experiment(
+                data,
+                methods.split(","),
+                seeds,
+                configs[label],
+                dataset_name=dataset,
+                data_seed=fold,
+                validation=validation,
+            )
+            report.write_results(out / dataset / label / f"fold{fold}", dataset, records, False)
+    return 0
+
+
+def summarize(out: pathlib.Path, dataset: str, grid=None) -> str:
     """Paired differences against the natural baseline of the same optimizer, every point."""
+    grid = GRID if grid is None else grid
     records = []
-    for label, _, _ in GRID:
+    for label, _, _ in grid:
         for path in sorted((out / dataset / label).glob(f"fold*/{dataset}.json")):
             records += [dict(r, label=label) for r in json.loads(path.read_text())]
     if not records:
@@ -71,17 +140,24 @@ def summarize(out: pathlib.Path, dataset: str) -> str:
     def same_run(r):  # the same optimizer, fold and seed
         return r["config"]["optimizer"], r["config"]["data_seed"], r["seed"]
 
-    header = ["setting", "method", "vs", "runs", "fused"] + run_lib.paired_header(mods)
+    header = ["setting", "method", "vs", "runs", "fused"] + report.paired_header(mods)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
-    for label, methods, _ in GRID:
+    unpaired = []
+    for label, methods, _ in grid:
         for method in methods.split(","):
-            baseline = run_lib.natural_baseline(method)
-            pairs = run_lib.pair_runs(
-                [r for r in records if r["label"] == label and r["method"] == method],
-                [r for r in records if r["method"] == baseline],
-                key=same_run,
+            baseline = report.natural_baseline(method)
+            runs = [r for r in records if r["label"] == label and r["method"] == method]
+            pairs = report.pair_runs(
+                runs, [r for r in records if r["method"] == baseline], key=same_run
             )
+            missing = sorted({same_run(r) for r in runs} - {same_run(a) for a, _ in pairs})
+            if missing:
+                where = ", ".join(f"fold {fold} seed {seed}" for _, fold, seed in missing)
+                unpaired.append(
+                    f"- `{label}` `{method}`: no `{baseline}` run with the same optimizer on "
+                    f"{where}; add a grid point that trains it."
+                )
             if not pairs:
                 continue
             row = [
@@ -89,9 +165,9 @@ def summarize(out: pathlib.Path, dataset: str) -> str:
                 method,
                 baseline,
                 str(len(pairs)),
-                run_lib.fmt_mean_std([a["fused_acc"] for a, _ in pairs]),
+                report.fmt_mean_std([a["fused_acc"] for a, _ in pairs]),
             ]
-            lines.append("| " + " | ".join(row + run_lib.paired_cells(pairs, len(mods))) + " |")
+            lines.append("| " + " | ".join(row + report.paired_cells(pairs, len(mods))) + " |")
             rows.append(
                 {
                     "setting": label,
@@ -118,44 +194,35 @@ def summarize(out: pathlib.Path, dataset: str) -> str:
         f"'better' counts runs with a higher fused accuracy.\n"
     )
     (out / f"{dataset}.json").write_text(json.dumps(rows, indent=1))
+    if unpaired:
+        note += "\nNot paired (baseline not run):\n\n" + "\n".join(unpaired) + "\n"
     table = "\n".join(lines) + "\n" + note
     (out / f"{dataset}.md").write_text(table)
     return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not data_lib.is_dataset(args.dataset):
+        parser.error(f"argument --dataset: unknown dataset {args.dataset!r}")
     out = pathlib.Path(args.out)
-    only = set(args.only.split(",")) if args.only else None
+    only = args.only.split(",") if args.only else None
     status = 0
     if not args.summary_only:
-        for label, methods, extra in GRID:
-            if only is not None and label not in only:
-                continue
-            for fold in range(args.folds):
-                cli = [
-                    "--dataset",
-                    args.dataset,
-                    "--methods",
-                    methods,
-                    "--seeds",
-                    args.seeds,
-                    "--validation",
-                    str(args.validation),
-                    "--data-seed",
-                    str(fold),
-                    "--out",
-                    str(out / args.dataset / label / f"fold{fold}"),
-                    "--no-plot",
-                    "--no-progress",
-                    *extra,
-                ]
-                if args.epochs:
-                    cli += ["--epochs", str(args.epochs)]
-                if args.data_dir:
-                    cli += ["--data-dir", args.data_dir]
-                print(f"[tune] {label} fold {fold}: {' '.join(cli)}", file=sys.stderr, flush=True)
-                status = max(status, run_lib.main(cli))
+        try:
+            status = tune(
+                args.dataset,
+                seeds=args.seeds,
+                folds=args.folds,
+                validation=args.validation,
+                out=out,
+                only=only,
+                data_dir=args.data_dir,
+                overrides={"epochs": args.epochs} if args.epochs else None,
+            )
+        except ValueError as err:
+            parser.error(str(err))
     print(summarize(out, args.dataset))
     return status
 

@@ -15,12 +15,15 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from experiments import config as config_lib
 from experiments import data as data_lib
 from experiments import methods as methods_lib
-from experiments import models
+from experiments import models, report
 from experiments import run as run_lib
+from experiments import train as train_lib
 
 DATA_DIR = data_lib.resolve_data_dir()
 
@@ -275,8 +278,8 @@ def test_model_shapes_and_branches_sum_to_fused(encoder, fusion):
 
 def test_losses_are_per_example_and_heads_can_stop_gradients():
     d = _toy_dataset()
-    cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, channels=(4, 8))
-    fn, params = run_lib.make_model(d, cfg, 0)
+    cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, channels=(4, 8))
+    fn, params = train_lib.make_model(d, cfg, 0)
     xs = [jnp.asarray(x[:6]) for x in d.x_train]
     y = jnp.asarray(d.y_train[:6])
     changed = [x.at[3:].set(0.0) for x in xs]
@@ -300,14 +303,14 @@ def test_losses_are_per_example_and_heads_can_stop_gradients():
 
 def test_encoder_labels_and_ridge_probe():
     d = _toy_dataset()
-    _, params = run_lib.make_model(d, run_lib.TrainConfig(), 0)
+    _, params = train_lib.make_model(d, config_lib.TrainConfig(), 0)
     labels = methods_lib.encoder_labels(params)
     assert set(jax.tree.leaves(labels["encoders"])) == {0, 1}
     assert all(v is None for v in jax.tree.leaves(labels["heads"], is_leaf=lambda x: x is None))
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 200)
     feats = np.eye(3)[y] * 3 + rng.normal(size=(200, 3)) * 0.1
-    assert run_lib.ridge_probe(feats[:150], y[:150], feats[150:], y[150:], 3, 1e-2) == 1.0
+    assert train_lib.ridge_probe(feats[:150], y[:150], feats[150:], y[150:], 3, 1e-2) == 1.0
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
@@ -378,8 +381,8 @@ def test_validation_split_holds_out_whole_groups():
 
 @pytest.mark.parametrize("encoder", ["mlp", "auto", "transformer"])
 def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
-    cfg = run_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
-    _, params = run_lib.make_model(_toy_dataset(), cfg, 0)
+    cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
+    _, params = train_lib.make_model(_toy_dataset(), cfg, 0)
     mask = models.encoder_output_mask(params)
     chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask) if on]
     assert len(chosen) == 4  # kernel and bias of two encoders
@@ -387,7 +390,7 @@ def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
         assert path.startswith("['encoders']")
     # Each chosen kernel produces the encoder's output features.
     kernels = [p for p in chosen if p.endswith("['kernel']")]
-    for m, path in enumerate(sorted(kernels)):
+    for path in sorted(kernels):
         leaf = params
         for key in path.strip("[]").split("]["):
             leaf = leaf[int(key) if key.isdigit() else key.strip("'")]
@@ -435,7 +438,7 @@ def test_paired_table_differences_against_the_natural_baseline():
             )
             want[method].append(delta)
     records.append(_record("bogc", 9, 0.1, [0.1, 0.1], [0.1, 0.1]))  # no baseline: unpaired
-    table = run_lib.paired_table(records, ["joint", "joint_uni", "bogc", "cggm"])
+    table = report.paired_table(records, ["joint", "joint_uni", "bogc", "cggm"])
     for method, baseline in (("bogc", "joint_uni"), ("cggm", "joint")):
         row = [line for line in table.splitlines() if line.startswith(f"| {method} |")][0]
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -445,10 +448,15 @@ def test_paired_table_differences_against_the_natural_baseline():
         assert cells[4] == f"{int(np.sum(d[:, 0] > 0))}/4"
         assert cells[8] == f"{d[:, 4].mean():+.3f} ± {d[:, 4].std(ddof=1):.3f}"
     assert not any(line.startswith(("| joint |", "| joint_uni |")) for line in table.splitlines())
-    assert run_lib.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"]) == ""
+    assert "`bogc`: no `joint_uni` run on seeds 9 (paired on 4 other seeds)" in table
+    alone = report.paired_table([r for r in records if r["method"] == "bogc"], ["bogc"])
+    assert "Not paired" in alone and "`bogc`: no `joint_uni` run on seeds 0,1,2,3,9;" in alone
+    assert "| bogc |" not in alone
+    only_baselines = [r for r in records if r["method"] in ("joint", "joint_uni")]
+    assert report.paired_table(only_baselines, ["joint", "joint_uni"]) == ""
 
 
-def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch, capsys):
+def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch):
     from experiments import tune  # pylint: disable=g-import-not-at-top
 
     monkeypatch.setitem(
@@ -461,23 +469,11 @@ def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch, capsys)
             False,
         ),
     )
-    monkeypatch.setattr(
-        tune, "GRID", (("adam", "joint_uni,joint", ()), ("adam_lr", "joint", ("--lr", "3e-3")))
-    )
-    argv = [
-        "--dataset",
-        "toy",
-        "--seeds",
-        "2",
-        "--folds",
-        "2",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
-    monkeypatch.setattr(run_lib, "config_from_args", _small(run_lib.config_from_args))
-    assert tune.main(argv) == 0
+    grid = (("adam", "joint_uni,joint", {}), ("adam_lr", "joint", {"lr": 3e-3}))
+    small = {"feature_dim": 8, "hidden": 8, "encoder": "mlp", "batch_size": 8, "epochs": 1}
+    status = tune.tune("toy", seeds=[0, 1], folds=2, out=tmp_path, overrides=small, grid=grid)
+    assert status == 0
+    table = tune.summarize(tmp_path, "toy", grid)
     rows = json.loads((tmp_path / "toy.json").read_text())
     assert [(r["setting"], r["method"]) for r in rows] == [
         ("adam", "joint_uni"),
@@ -490,16 +486,16 @@ def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch, capsys)
         for k in range(2)
     ]
     assert [r["config"]["data_seed"] for r in folds[0] + folds[1]] == [0, 0, 1, 1]
+    assert {r["config"]["lr"] for r in folds[0]} == {3e-3}
     assert folds[0][0]["config"]["validation"] == 0.25 and folds[0][0]["num_test"] == 10
-    assert "validation folds [0, 1]" in (tmp_path / "toy.md").read_text()
-
-
-def _small(config_from_args):
-    def small(args, dataset):
-        args.feature_dim, args.hidden, args.encoder, args.batch_size = 8, 8, "mlp", 8
-        return config_from_args(args, dataset)
-
-    return small
+    assert "validation folds [0, 1]" in table and table == (tmp_path / "toy.md").read_text()
+    # A bad grid point stops the search before anything trains.
+    bad = (("adam", "joint", {"epochs": 0}),)
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        tune.tune("toy", seeds=[0], out=tmp_path / "bad", grid=bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="unknown grid label"):
+        tune.tune("toy", seeds=[0], out=tmp_path / "bad", grid=grid, only=["nope"])
 
 
 # --------------------------------------------------------------------------- training
@@ -526,10 +522,10 @@ def test_every_available_method_trains_end_to_end(name):
         pytest.skip(reason)
     # vmap statistics compile about twice as fast as the default fast path for this tiny
     # model; the fast path has its own tests.
-    cfg = run_lib.TrainConfig(
+    cfg = config_lib.TrainConfig(
         epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
     )
-    record = run_lib.Trainer(_toy_dataset(), name, cfg).train(seed=1)
+    record = train_lib.Trainer(_toy_dataset(), name, cfg).train(seed=1)
     assert 0.0 <= record["fused_acc"] <= 1.0
     for key in ("branch_acc", "probe_acc", "missing_acc", "head_acc"):
         assert len(record[key]) == 2 and all(0 <= v <= 1 for v in record[key]), key
@@ -551,7 +547,7 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
         "--dataset",
         "toy",
         "--methods",
-        "joint,joint_uni,no_such_method",
+        "joint,joint_uni",
         "--seeds",
         "2",
         "--epochs",
@@ -570,7 +566,6 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
     ]
     assert run_lib.main(argv) == 0
     captured = capsys.readouterr()
-    assert "[skip] unknown method 'no_such_method'" in captured.err
     records = json.loads((out / "toy.json").read_text())
     assert len(records) == 4
     for r in records:
@@ -582,10 +577,24 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
             "branch_acc",
             "probe_acc",
             "missing_acc",
+            "train_fused_acc",
+            "train_branch_acc",
+            "train_head_acc",
+            "train_missing_acc",
         } <= set(r)
         assert r["dataset"] == "toy" and len(r["missing_acc"]) == 2
+        assert len(r["train_branch_acc"]) == 2 and 0 <= r["train_fused_acc"] <= 1
+        assert r["config"] == config_lib.record_config(
+            config_lib.TrainConfig(epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp"),
+            data_seed=0,
+            validation=None,
+        )
     table = (out / "toy.md").read_text()
     assert "| joint_uni | 2 |" in table and "±" in table and table in captured.out
+    assert (
+        "| method | train fused | train branch a | train branch b | train head a | train head b"
+        " | train fused w/o a | train fused w/o b |" in table
+    )
     assert (out / "toy_curves.png").stat().st_size > 1000
     # --rebuild re-renders the table from the records alone.
     (out / "toy.md").unlink()
@@ -595,10 +604,13 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
     # Re-running one method and seed replaces its record and keeps the others; records
     # made with another configuration are dropped.
     again = dict(records[0], fused_acc=-1.0)
-    merged = run_lib.merge_records(out / "toy.json", [again])
+    merged = report.merge_records(out / "toy.json", [again])
     assert len(merged) == 4 and merged[-1]["fused_acc"] == -1.0
     other = dict(again, config={**again["config"], "epochs": 99})
-    assert run_lib.merge_records(out / "toy.json", [other]) == [other]
+    assert report.merge_records(out / "toy.json", [other]) == [other]
+    # A record written before a configuration field existed was made at its default.
+    older = dict(again, config={k: v for k, v in again["config"].items() if k != "pareto_gamma"})
+    assert len(report.merge_records(out / "toy.json", [older])) == 4
 
 
 # --------------------------------------------------------------------------- reproduce.sh
@@ -637,18 +649,31 @@ def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
         }[module]()
         args = parser.parse_args(argv)  # exits (fails the test) on an unknown flag
         if module != "experiments.summary":
-            assert args.dataset in data_lib.DATASETS
+            assert data_lib.is_dataset(args.dataset), args.dataset
         if module == "experiments.run":
             names = list(methods_lib.METHODS) if args.methods == "all" else args.methods.split(",")
             assert set(names) <= set(methods_lib.METHODS), names
-            if args.out == "results" and args.optimizer == "adam":
+            cfg = run_lib.config_from_args(args, args.dataset)  # a valid configuration
+            if args.out == "results" and cfg.optimizer == "adam":
                 main_grid.setdefault(args.dataset, set()).update(names)
-    # The main table covers every registered method on each of the five datasets.
-    assert set(main_grid) == {"utdmhad2", "utdmhad3", "ucimf2", "basicmotions", "avdigits"}
+    # The main table covers every registered method on each of the six datasets.
+    assert set(main_grid) == {
+        "utdmhad2",
+        "utdmhad3",
+        "ucimf2",
+        "basicmotions",
+        "avdigits",
+        "cgmnist",
+    }
     assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
     # The parts can be run alone; nothing runs when DRY_RUN is set.
     assert len(_reproduce_commands("sgd")) == 4
     assert _reproduce_commands("nothing") == []
+    # The cgmnist part: every method, then the dial's datasets and its correlation plot.
+    cgmnist = _reproduce_commands("cgmnist")
+    dial = [c for c in cgmnist if "results/cgmnist_dial" in c and c[2] == "experiments.run"]
+    assert [c[c.index("--dataset") + 1] for c in dial] == ["cgmnist90", "cgmnist80", "cgmnist70"]
+    assert any("--correlation-plot" in c for c in cgmnist)
 
 
 def test_summary_pairs_seeds_and_picks_the_least_used_modality(tmp_path):
@@ -708,7 +733,7 @@ def test_source_commit_names_the_commit_and_ignores_rewritten_results(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert run_lib.source_commit(tmp_path) is None  # not a checkout
+    assert train_lib.source_commit(tmp_path) is None  # not a checkout
     git("init", "-q")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "toy.json").write_text("[]")
@@ -716,19 +741,18 @@ def test_source_commit_names_the_commit_and_ignores_rewritten_results(tmp_path):
     git("add", ".")
     git("commit", "-qm", "c")
     head = git("rev-parse", "HEAD").stdout.strip()
-    assert run_lib.source_commit(tmp_path) == head
+    assert train_lib.source_commit(tmp_path) == head
     (tmp_path / "results" / "toy.json").unlink()  # results the runs rewrite: still clean
     (tmp_path / "untracked.py").write_text("")
-    assert run_lib.source_commit(tmp_path) == head
+    assert train_lib.source_commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert run_lib.source_commit(tmp_path) == head + "+dirty"
+    assert train_lib.source_commit(tmp_path) == head + "+dirty"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_cosine_schedule_decays_the_step_to_zero_over_the_run(optimizer):
-    hparams = {"lr_schedule": "cosine"}
-    cfg = run_lib.TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.0, hparams=hparams)
-    tx = run_lib.base_optimizer(cfg, total_steps=10)
+    cfg = config_lib.TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.0, lr_schedule="cosine")
+    tx = train_lib.base_optimizer(cfg, total_steps=10)
     params = {"w": jnp.zeros(3)}
     state = tx.init(params)
     steps = []
@@ -737,12 +761,239 @@ def test_cosine_schedule_decays_the_step_to_zero_over_the_run(optimizer):
         steps.append(float(-updates["w"][0]))
     want = [0.1 * 0.5 * (1 + np.cos(np.pi * t / 10)) for t in range(11)]
     np.testing.assert_allclose(steps, want, rtol=1e-3, atol=1e-6)
-    constant = run_lib.base_optimizer(dataclasses.replace(cfg, hparams={}), total_steps=10)
+    constant = train_lib.base_optimizer(
+        dataclasses.replace(cfg, lr_schedule="constant"), total_steps=10
+    )
     updates, _ = constant.update({"w": jnp.ones(3)}, constant.init(params), params)
     assert float(-updates["w"][0]) == pytest.approx(0.1, rel=1e-3)
     with pytest.raises(ValueError, match="lr_schedule"):
-        run_lib.base_optimizer(dataclasses.replace(cfg, hparams={"lr_schedule": "step"}), 10)
+        dataclasses.replace(cfg, lr_schedule="step")
     args = run_lib.build_parser().parse_args(["--lr-schedule", "cosine"])
-    assert run_lib.config_from_args(args, "utdmhad2").hparams["lr_schedule"] == "cosine"
+    assert run_lib.config_from_args(args, "utdmhad2").lr_schedule == "cosine"
     args = run_lib.build_parser().parse_args([])
-    assert "lr_schedule" not in run_lib.config_from_args(args, "utdmhad2").hparams
+    assert run_lib.config_from_args(args, "utdmhad2").lr_schedule == "constant"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_has_one_default_per_field_and_names_bad_values():
+    cfg = config_lib.TrainConfig()
+    assert cfg.lr == 1e-3 and config_lib.TrainConfig(optimizer="sgd").lr == 1e-2
+    assert config_lib.TrainConfig(optimizer="sgd", lr=0.5).lr == 0.5
+    ucimf2 = config_lib.dataset_config("ucimf2", kappa=3.0)
+    assert (ucimf2.epochs, ucimf2.batch_size, ucimf2.kappa) == (20, 32, 3.0)
+    assert config_lib.dataset_config("cgmnist90") == config_lib.dataset_config("cgmnist")
+    assert config_lib.dataset_config("unregistered") == config_lib.TrainConfig()
+    # The CLI's defaults are the configuration's: no flag, no override.
+    args = run_lib.build_parser().parse_args([])
+    assert run_lib.config_from_args(args, "ucimf2") == config_lib.dataset_config("ucimf2")
+    for field, value, message in (
+        ("epochs", 0, "epochs must be a positive integer"),
+        ("batch_size", -3, "batch_size must be a positive integer"),
+        ("optimizer", "adagrad", "optimizer must be one of"),
+        ("lr", -1e-3, "lr must be > 0"),
+        ("noise", "loud", "noise must be None"),
+        ("laplace_center", "middle", "laplace_center must be one of"),
+        ("momentum", -0.5, "momentum must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            config_lib.TrainConfig(**{field: value})
+    stored = json.loads(json.dumps(config_lib.record_config(cfg, data_seed=1, validation=None)))
+    assert stored["channels"] == [16, 32] and stored["data_seed"] == 1
+    assert config_lib.same_config(stored, dict(stored))
+    assert config_lib.same_config({k: v for k, v in stored.items() if k != "noise"}, stored)
+    assert not config_lib.same_config({**stored, "kappa": 2.0}, stored)
+
+
+# --------------------------------------------------------------------------- CLI input
+
+
+@pytest.fixture()
+def toy_cli(monkeypatch):
+    """The ``toy`` dataset registered, and training replaced by a failure: a CLI check
+    that lets a run start fails the test."""
+    monkeypatch.setitem(
+        data_lib.DATASETS,
+        "toy",
+        data_lib.DatasetSpec(
+            lambda data_dir, seed=0, use_cache=True: _toy_dataset(seed=seed), {}, "toy", False
+        ),
+    )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the input was checked")
+
+    monkeypatch.setattr(train_lib, "run_experiment", no_training)
+    monkeypatch.setattr(data_lib, "load_for_run", no_training)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--methods", "joint,no_such_method"], "unknown method(s) 'no_such_method'"),
+        (["--methods", ","], "unknown method(s) (none)"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer; got 0"),
+        (["--epochs", "-1"], "argument --epochs: expected a positive integer; got -1"),
+        (["--epochs", "two"], "argument --epochs: expected a positive integer; got 'two'"),
+        (["--dataset", "toy,no_such_data"], "unknown dataset(s) 'no_such_data'"),
+        (["--dataset", "cgmnist101"], "unknown dataset(s) 'cgmnist101'"),
+        (["--seeds", "0"], "argument --seeds: a seed count must be >= 1; got 0"),
+        (["--seeds", "4-2"], "argument --seeds: no seeds in '4-2'"),
+        (["--seeds", "1,1"], "argument --seeds: seeds must be distinct"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--lr", "0"], "argument --lr: expected a positive number; got 0.0"),
+        (["--validation", "1"], "argument --validation: expected a fraction in (0, 1)"),
+        (["--momentum", "-1"], "TrainConfig: momentum must be >= 0; got -1.0"),
+        (["--optimizer", "adagrad"], "argument --optimizer: invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_input_before_training(toy_cli, capsys, argv, message):
+    base = {"--dataset": "toy", "--methods": "joint", "--seeds": "1"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    with pytest.raises(SystemExit) as exit_:
+        run_lib.main([x for kv in base.items() for x in kv] + ["--no-progress"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m experiments.run") and message in err, err
+
+
+def test_cli_parses_every_seed_form():
+    assert run_lib.parse_seeds("3") == [0, 1, 2]
+    assert run_lib.parse_seeds("0,3,7") == [0, 3, 7]
+    assert run_lib.parse_seeds("2-4") == [2, 3, 4]
+    assert run_lib.build_parser().parse_args([]).seeds == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def test_statistics_methods_take_the_gradient_from_the_statistics():
+    """The step with ``grad_stats.fixed_weight_grads()`` equals the step with a second
+    backward pass, to float rounding; the statistics methods take that path."""
+    d = _toy_dataset()
+    cfg = config_lib.TrainConfig(
+        epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
+    )
+    for name, from_stats in (("bogc", True), ("mmpareto", True), ("joint_uni", False)):
+        assert train_lib.Trainer(d, name, cfg).parts.grads_from_stats is from_stats, name
+    # The Laplace statistics hold the encoders' last layers only: no gradient there.
+    assert not train_lib.Trainer(d, "bogc_laplace", cfg).parts.grads_from_stats
+    trainer = train_lib.Trainer(d, "joint_uni", cfg)
+    _, params = train_lib.make_model(d, cfg, 3)
+    ctx = methods_lib.Context(2, trainer.fn, params, optax.sgd(0.1), cfg)
+    batch = (tuple(jnp.asarray(x[:8]) for x in d.x_train), jnp.asarray(d.y_train[:8]))
+    steps = []
+    for flag in (True, False):
+        trainer.parts = methods_lib.MethodParts(
+            tx=ctx.base, extra_args=methods_lib._grad_stats_args(ctx), grads_from_stats=flag
+        )
+        state = trainer.init_state(params, 0)
+        steps.append(jax.jit(trainer._default_step)(params, state, batch, jax.random.key(0)))
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), steps[0][0], params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the step moved the parameters
+    for a, b in zip(jax.tree.leaves(steps[0]), jax.tree.leaves(steps[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="grads_from_stats"):
+        methods_lib.MethodParts(tx=ctx.base, grads_from_stats=True, extra_loss=lambda *a: 0.0)
+
+
+def _representation_step(ctx: methods_lib.Context) -> methods_lib.MethodParts:
+    """A method with its own step, in representation space: the encoders' outputs, the
+    per-source losses of those features, feature gradients summed over sources, then one
+    pull-back through the encoders (here with fixed weights, so it is joint_uni's step)."""
+    fn, tx = ctx.fn, ctx.base
+
+    def step(params, opt_state, batch, key):
+        del key
+        xs, labels = batch
+        encoders = params["encoders"]
+        feats, pull_back = jax.vjp(lambda e: fn.features({**params, "encoders": e}, xs), encoders)
+
+        def total(p, f):
+            return jnp.sum(jnp.mean(fn.feature_losses(p, f, labels), axis=1))
+
+        (head_grads, feat_grads) = jax.grad(total, argnums=(0, 1))(params, feats)
+        (encoder_grads,) = pull_back(feat_grads)
+        grads = {**head_grads, "encoders": encoder_grads}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        losses = jnp.mean(fn.feature_losses(params, feats, labels), axis=1)
+        return optax.apply_updates(params, updates), opt_state, losses
+
+    return methods_lib.MethodParts(tx=tx, step=step)
+
+
+def test_a_method_can_bring_its_own_training_step(monkeypatch):
+    spec = methods_lib.MethodSpec(
+        "representation_sum", "own step: one encoder VJP", False, (), _representation_step
+    )
+    monkeypatch.setitem(methods_lib.METHODS, spec.name, spec)
+    d = _toy_dataset()
+    cfg = config_lib.TrainConfig(epochs=2, batch_size=8, feature_dim=8, hidden=8, encoder="mlp")
+    own = train_lib.Trainer(d, spec.name, cfg)
+    reference = train_lib.Trainer(d, "joint_uni", cfg)
+    runs = [list(t.epochs(seed=2)) for t in (own, reference)]
+    for (_, p_own, _, loss_own), (_, p_ref, _, loss_ref) in zip(*runs):
+        np.testing.assert_allclose(loss_own, loss_ref, rtol=1e-4)
+        for a, b in zip(jax.tree.leaves(p_own), jax.tree.leaves(p_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    record = train_lib.run_experiment(d, [spec.name], [0], cfg)[0]
+    assert record["method"] == spec.name and 0 <= record["fused_acc"] <= 1
+
+
+# --------------------------------------------------------------------------- correlation dial
+
+
+def test_correlation_curves_table_and_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need the experiments extra")
+    rng = np.random.default_rng(4)
+    by_dataset, want = {}, {}
+    for corr in (1.0, 0.9, 0.7):
+        name = "cgmnist" if corr == 1.0 else f"cgmnist{round(100 * corr)}"
+        records = []
+        for method in ("joint", "bogc", "cggm"):
+            accs = rng.uniform(0.2, 0.9, 3)
+            want[method, corr] = accs
+            for seed, acc in enumerate(accs):
+                r = dict(_record(method, seed, float(acc), [0.5, 0.5], [0.5, 0.5]), dataset=name)
+                r["dataset_info"] = {"color_correlation": corr}
+                records.append(r)
+        by_dataset[name] = records
+    by_dataset["toy"] = [_record("joint", 0, 0.5, [0.5, 0.5], [0.5, 0.5])]  # no dial: ignored
+    curves = report.correlation_curves(by_dataset, ["joint", "bogc"])
+    assert list(curves) == ["joint", "bogc"]
+    for method, points in curves.items():
+        assert [c for c, *_ in points] == [0.7, 0.9, 1.0]
+        for corr, mean, std, n in points:
+            accs = want[method, corr]
+            assert n == 3 and mean == pytest.approx(accs.mean())
+            assert std == pytest.approx(accs.std(ddof=1))
+    table = report.correlation_table(curves)
+    assert "| method | 70% correlated | 90% correlated | 100% correlated |" in table
+    assert f"{want['bogc', 0.9].mean():.3f}" in table.splitlines()[3]
+    report.plot_correlation(curves, tmp_path / "corr.png")
+    assert (tmp_path / "corr.png").stat().st_size > 1000
+    # Through the summary CLI, from results files.
+    from experiments import summary  # pylint: disable=g-import-not-at-top
+
+    for name, records in by_dataset.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(records))
+    plot = tmp_path / "out" / "correlation.png"
+    argv = ["--results", str(tmp_path), "--correlation-plot", str(plot)]
+    assert summary.main(argv + ["--correlation-methods", "joint,cggm"]) == 0
+    assert plot.stat().st_size > 1000 and "cggm" in plot.with_suffix(".md").read_text()
+
+
+def test_evaluation_over_several_chunks_matches_one_pass():
+    d = _toy_dataset(num_train=2100, num_test=8, seed=5)  # more than one 2048-example chunk
+    cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, encoder="mlp")
+    trainer = train_lib.Trainer(d, "joint", cfg)
+    _, params = train_lib.make_model(d, cfg, 1)
+    got = trainer.evaluate(params, d.x_train, d.y_train)
+    out = jax.jit(trainer.fn.apply)(params, tuple(jnp.asarray(x) for x in d.x_train))
+    y = d.y_train
+    assert got["fused_acc"] == pytest.approx(float(np.mean(np.argmax(out["fused"], -1) == y)))
+    for key, logits in (("branch_acc", out["branch"]), ("head_acc", out["heads"])):
+        want = np.mean(np.argmax(logits, -1) == y, axis=1)
+        np.testing.assert_allclose(got[key], want, rtol=1e-6)

@@ -14,22 +14,17 @@ import sys
 import jax
 import numpy as np
 
+from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import models
-from experiments import run as run_lib
+from experiments import models, train
 
 dataset_name, method, num_epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 optimizer = sys.argv[4] if len(sys.argv) > 4 else "adam"
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 dataset = data_lib.load_dataset(dataset_name)
-cfg = run_lib.TrainConfig(
-    epochs=num_epochs,
-    batch_size=run_lib.DATASET_DEFAULTS[dataset_name]["batch_size"],
-    optimizer=optimizer,
-    lr=1e-3 if optimizer == "adam" else 1e-2,
-)
-trainer = run_lib.Trainer(dataset, method, cfg)
-_, initial = run_lib.make_model(dataset, cfg, seed)
+cfg = config_lib.dataset_config(dataset_name, epochs=num_epochs, optimizer=optimizer)
+trainer = train.Trainer(dataset, method, cfg)
+_, initial = train.make_model(dataset, cfg, seed)
 groups = jax.tree.leaves(models.param_groups(initial))
 print(
     f"{dataset_name} {method} {optimizer}: modalities {dataset.modalities}; per encoder m: "

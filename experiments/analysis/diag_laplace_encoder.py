@@ -16,20 +16,20 @@ import jax
 import jax.numpy as jnp
 
 import bogc_jax as bj
+from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import models
-from experiments import run as run_lib
+from experiments import models, train
 
 damping = float(sys.argv[1]) if len(sys.argv) > 1 else 1.0
 dataset = data_lib.load_dataset("utdmhad2")
-trainer = run_lib.Trainer(dataset, "joint_uni", run_lib.TrainConfig(epochs=20, batch_size=32))
+trainer = train.Trainer(dataset, "joint_uni", config_lib.TrainConfig(epochs=20, batch_size=32))
 batch = (tuple(jnp.asarray(x[:32]) for x in dataset.x_train), jnp.asarray(dataset.y_train[:32]))
 num_sources = dataset.num_modalities + 1
 is_none = lambda x: x is None
 
 
 def source_weights(stats, grads, params):
-    tx = bj.bogc(num_sources)
+    tx = bj.bogc(num_sources=num_sources)
     _, state = tx.update(grads, tx.init(params), params, grad_stats=stats)
     return state.source_weights
 
@@ -86,8 +86,7 @@ def report(params, when):
                 )
 
 
-_, initial = run_lib.make_model(dataset, trainer.cfg, 0)
+_, initial = train.make_model(dataset, trainer.cfg, 0)
 report(initial, "init")
-for epoch, params, _, _ in trainer.epochs(seed=0):
-    pass
-report(params, f"epoch {epoch}")
+*_, (last_epoch, trained, _, _) = trainer.epochs(seed=0)
+report(trained, f"epoch {last_epoch}")

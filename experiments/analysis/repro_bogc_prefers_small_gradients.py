@@ -30,7 +30,7 @@ for c in (1.0, 0.3, 0.1, 0.01):
         ("precision", "absolute"),
         ("dempster", "relative"),
     ):
-        tx = bj.bogc(2, aggregation=agg, noise=noise)
+        tx = bj.bogc(num_sources=2, aggregation=agg, noise=noise)
         upd, st = tx.update(
             stats.fixed_weight_grads(), tx.init({"w": jnp.zeros(d)}), grad_stats=stats
         )

@@ -1,0 +1,1 @@
+"""Parity checks of the library against reference outputs (runnable as modules)."""
