@@ -26,6 +26,11 @@ def module_files() -> dict[str, pathlib.Path]:
     return files
 
 
+def _is_private(name: str) -> bool:
+    """``_x``, not ``__x__`` (dunders such as ``__version__`` are public)."""
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def _imports(tree: ast.AST, here: str, modules) -> list[tuple[str, str | None]]:
     """``(module, name)`` per imported bogc_jax module (``name``: what was taken from it)."""
     found = []
@@ -58,7 +63,7 @@ def import_graph():
         for module, taken in _imports(tree, name, modules):
             if module != "bogc_jax" and module != name:
                 targets.add(module)
-            if taken is not None and taken.startswith("_") and module != name:
+            if taken is not None and _is_private(taken) and module != name:
                 private.append(f"{name}: from {module} import {taken}")
         edges[name] = targets
         aliases = {}
@@ -77,7 +82,7 @@ def import_graph():
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)
                 and node.value.id in aliases
-                and node.attr.startswith("_")
+                and _is_private(node.attr)
                 and f"{aliases[node.value.id]}.{node.attr}" not in modules
             ):
                 private.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
