@@ -9,12 +9,12 @@ from bogc_jax import (
     representation_weights,
     weightings,
 )
+from bogc_jax._fast_stats import fast_stats_plan
 from bogc_jax._version import __version__
 from bogc_jax.accumulate import AccumulationState, multi_steps
 from bogc_jax.bayesagg import bayesagg_mtl
 from bogc_jax.bogc import BogcState, bogc, coordinate_weights
 from bogc_jax.cggm import CggmState, cggm, cggm_coefficients, cggm_direction_loss
-from bogc_jax.fast_stats import fast_stats_plan
 from bogc_jax.labels import label_params
 from bogc_jax.laplace import laplace_grad_stats
 from bogc_jax.mmpareto import MMParetoState, mmpareto

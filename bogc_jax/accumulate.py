@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from bogc_jax import stats as stats_lib
-from bogc_jax.stats import GradStats
+from bogc_jax import _moments
+from bogc_jax._moments import GradStats
 
 PyTree = Any
 
@@ -27,7 +28,7 @@ class AccumulationState(NamedTuple):
     """State of :func:`multi_steps`; every field keeps its shape and dtype.
 
     Attributes:
-      grad_stats: :class:`bogc_jax.stats.Moments` of the micro-batches of the current
+      grad_stats: running moments (``count``, ``mean``, ``m2``) of the micro-batches of the current
         window: ``count`` ``[]`` float32 (examples so far), ``mean`` and ``m2`` pytrees
         like the params with leaves ``[S, *param.shape]`` (float32, or the params' dtype
         when wider); zeros at the start of each window. ``None`` when ``num_sources`` is
@@ -39,43 +40,46 @@ class AccumulationState(NamedTuple):
         ``inner.inner_opt_state``).
     """
 
-    grad_stats: stats_lib.Moments | None
+    grad_stats: _moments.Moments | None
     modality_scores: jax.Array | None
     inner: optax.MultiStepsState
 
 
-def _positive_int_or_none(value, name: str) -> None:
+def _positive_int_or_none(value, name: str) -> int | None:
+    """``value`` as an int: None or a positive int (NumPy ints too, not bools)."""
     if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return None
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or value < 1:
         raise ValueError(f"multi_steps: {name} must be a positive int or None; got {value!r}.")
+    return int(value)
 
 
-def _zero_moments(params: PyTree, num_sources: int) -> stats_lib.Moments:
+def _zero_moments(params: PyTree, num_sources: int) -> _moments.Moments:
     def zeros(p):
-        dtype = stats_lib.accumulation_dtype(jnp.result_type(p))
+        dtype = _moments.accumulation_dtype(jnp.result_type(p))
         return jnp.zeros((num_sources,) + tuple(jnp.shape(p)), dtype)
 
-    return stats_lib.Moments(
+    return _moments.Moments(
         jnp.zeros((), jnp.float32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
     )
 
 
-def _merge_stats(acc: stats_lib.Moments, new: GradStats, num_sources: int):
+def _merge_stats(acc: _moments.Moments, new: GradStats, num_sources: int):
     """Chan-merge ``new`` into ``acc`` leaf by leaf; ``None`` leaves of ``new`` stay None.
 
     Returns the merged statistics to hand to the inner transform (with ``new``'s ``None``
-    leaves) and the merged moments to keep (zeros where ``new`` has ``None``).
+    leaves) and the merged moments to keep (``acc``'s where ``new`` has ``None``).
     """
     if not isinstance(new, GradStats):
         raise TypeError(
             f"multi_steps: grad_stats must be a bogc_jax.GradStats; got {type(new).__name__}."
         )
     acc_means, treedef = jax.tree.flatten(acc.mean)
-    acc_m2s = treedef.flatten_up_to(acc.m2)
+    acc_m2s = _moments.leaves_up_to(treedef, acc.m2)
     try:
-        new_means = treedef.flatten_up_to(new.mean)
-        new_vars = treedef.flatten_up_to(new.var)
+        new_means = _moments.leaves_up_to(treedef, new.mean)
+        new_vars = _moments.leaves_up_to(treedef, new.var)
     except (ValueError, TypeError) as err:
         raise ValueError(
             "multi_steps: grad_stats.mean/var must have the params' pytree structure "
@@ -83,11 +87,11 @@ def _merge_stats(acc: stats_lib.Moments, new: GradStats, num_sources: int):
             f"({err})"
         ) from err
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(acc.mean)[0]]
-    factor = jnp.maximum(new.count - 1.0, 0.0)
     count = acc.count + new.count
-    frac_new = jnp.where(count > 0, new.count / jnp.maximum(count, 1.0), 0.0)
-    cross = jnp.where(count > 0, acc.count * new.count / jnp.maximum(count, 1.0), 0.0)
-    out_means, out_vars, keep_means, keep_m2s = [], [], [], []
+    out_means: list = []
+    out_vars: list = []
+    keep_means: list = []
+    keep_m2s: list = []
     for path, a_mean, a_m2, b_mean, b_var in zip(paths, acc_means, acc_m2s, new_means, new_vars):
         if b_mean is None or b_var is None:
             out_means.append(None)
@@ -102,20 +106,18 @@ def _merge_stats(acc: stats_lib.Moments, new: GradStats, num_sources: int):
                 f"(num_sources={num_sources} stacked on the parameter's shape). Check "
                 "num_sources."
             )
-        b_mean = b_mean.astype(a_mean.dtype)
-        b_m2 = b_var.astype(a_mean.dtype) * factor.astype(a_mean.dtype)
-        delta = b_mean - a_mean
-        mean = a_mean + delta * frac_new.astype(delta.dtype)
-        m2 = a_m2 + b_m2 + jnp.square(delta) * cross.astype(delta.dtype)
-        var = m2 / jnp.maximum(count - 1.0, 1.0).astype(m2.dtype)
+        b_m2 = _moments.m2_from_var(jnp.asarray(b_var, a_mean.dtype), new.count)
+        mean, m2 = _moments.merge_leaf(
+            acc.count, a_mean, a_m2, new.count, jnp.asarray(b_mean, a_mean.dtype), b_m2
+        )
         out_means.append(mean)
-        out_vars.append(var)
+        out_vars.append(_moments.var_from_m2(m2, count))
         keep_means.append(mean)
         keep_m2s.append(m2)
     merged = GradStats(
         count, jax.tree.unflatten(treedef, out_means), jax.tree.unflatten(treedef, out_vars)
     )
-    kept = stats_lib.Moments(
+    kept = _moments.Moments(
         count, jax.tree.unflatten(treedef, keep_means), jax.tree.unflatten(treedef, keep_m2s)
     )
     return merged, kept
@@ -202,8 +204,8 @@ def multi_steps(
       Chan, Golub and LeVeque, Updating formulae and a pairwise algorithm for computing
       sample variances, 1979 (the merge).
     """
-    _positive_int_or_none(num_sources, "num_sources")
-    _positive_int_or_none(num_modalities, "num_modalities")
+    num_sources = _positive_int_or_none(num_sources, "num_sources")
+    num_modalities = _positive_int_or_none(num_modalities, "num_modalities")
     accumulator = optax.MultiSteps(inner, every_k_schedule, use_grad_mean=use_grad_mean)
 
     def init_fn(params):

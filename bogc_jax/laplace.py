@@ -8,9 +8,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from bogc_jax import _moments, _per_example, validation
 from bogc_jax import stats as stats_lib
-from bogc_jax import validation
-from bogc_jax.stats import GradStats
+from bogc_jax._moments import GradStats
 
 PyTree = Any
 
@@ -20,7 +20,7 @@ def _split(params: PyTree, mask: PyTree | Callable[[PyTree], PyTree]):
     flat, treedef = jax.tree.flatten(params)
     mask_tree = mask(params) if callable(mask) else mask
     try:
-        flags = [bool(m) for m in treedef.flatten_up_to(mask_tree)]
+        flags = [bool(m) for m in _moments.leaves_up_to(treedef, mask_tree)]
     except (ValueError, TypeError) as err:
         raise ValueError(
             "laplace_grad_stats: mask must be a pytree of booleans with the params' "
@@ -44,6 +44,26 @@ def _split(params: PyTree, mask: PyTree | Callable[[PyTree], PyTree]):
         return jax.tree.unflatten(treedef, [next(it) if on else None for on in flags])
 
     return chosen, rebuild, scatter
+
+
+def _check_key(key) -> None:
+    """``key`` is one PRNG key: a typed key (``jax.random.key``) or a raw ``uint32`` one
+    (``jax.random.PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype is not None and not typed and dtype == jnp.uint32 and len(shape) == 1
+    if (typed and shape == ()) or raw:
+        return
+    got = (
+        f"{type(key).__name__} {key!r}"
+        if dtype is None
+        else f"an array of dtype {dtype} and shape {shape}"
+    )
+    raise TypeError(
+        f"laplace_grad_stats: key must be one PRNG key, e.g. jax.random.key(0); got {got}. "
+        "Pass a single key (split a batch of keys first), the same on every device."
+    )
 
 
 def laplace_grad_stats(
@@ -149,7 +169,11 @@ def laplace_grad_stats(
             minimum=1,
             fix="It is N, the number of training examples; None uses the batch alone.",
         )
-    validation.check_num_examples("laplace_grad_stats", stats_lib.batch_size_of(batch), axis_name)
+    _check_key(key)
+    validation.check_num_examples(
+        "laplace_grad_stats", _per_example.batch_size_of(batch), axis_name
+    )
+    stats_lib.check_axis_name("laplace_grad_stats", params, batch, axis_name)
     chosen, rebuild, scatter = _split(params, mask)
 
     def chosen_losses(chosen_leaves, b):
@@ -175,7 +199,7 @@ def laplace_grad_stats(
             return jax.tree.map(lambda g: g / n, jax.grad(local_loss)(leaves))
         # Gradient of this device's examples, then an explicit sum over devices (correct
         # with or without shard_map's check_vma).
-        local = jax.grad(local_loss)(stats_lib.as_varying(leaves, axis_name))
+        local = jax.grad(local_loss)(_moments.as_varying(leaves, axis_name))
         return jax.tree.map(lambda g: jax.lax.psum(g, axis_name) / n, local)
 
     keys = jax.random.split(key, len(chosen))
@@ -189,7 +213,7 @@ def laplace_grad_stats(
     per_source = jax.vmap(batch_mean_grad, in_axes=(0, 0))  # over sources
     grads = jax.vmap(per_source, in_axes=(None, 0))(sources, draws)  # leaves [K, S, ...]
     grads = [jnp.swapaxes(g, 0, 1) for g in grads]  # [S, K, ...]
-    moments = stats_lib.moments_from_samples(grads, axis=1)
-    result = stats_lib.grad_stats_from_moments(moments)
+    moments = _moments.moments_from_samples(grads, axis=1)
+    result = _moments.grad_stats_from_moments(moments)
     mean = per_example.mean if center == "batch" else result.mean
     return GradStats(result.count, scatter(mean), scatter(result.var))

@@ -20,170 +20,54 @@ or split into micro-batches:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from bogc_jax import _fast_stats, _moments, _per_example, validation
+from bogc_jax._moments import GradStats
 
 PyTree = Any
 LossesFn = Callable[[PyTree, PyTree], jax.Array]
 Method = Literal["vmap", "fast", "auto"]
 
 _METHODS = ("vmap", "fast", "auto")
+_MOMENTS_FNS = {
+    "vmap": _per_example.vmap_moments,
+    "fast": _fast_stats.fast_moments,
+    "auto": _fast_stats.auto_moments,
+}
+_STACK_HINT = (
+    "Stack the loss terms, e.g. jnp.stack([fusion_loss, audio_loss, image_loss]), each of "
+    "shape [B] (no mean over the batch)."
+)
 
-
-class GradStats(NamedTuple):
-    """Per-source gradient mean and variance over the examples of a batch.
-
-    Attributes:
-      count: ``[]`` float32, number of examples the moments were taken over (summed over
-        devices when the batch was split).
-      mean: pytree shaped like the parameters; each leaf ``[S, *param.shape]`` holds the
-        mean per-example gradient of each of the ``S`` sources. A leaf may be ``None`` when
-        the statistics were taken on a subset of the parameters.
-      var: like ``mean``: the unbiased (ddof = 1) variance of the per-example gradients.
-        The variance of the batch-mean gradient is ``var / count``.
-    """
-
-    count: jax.Array
-    mean: PyTree
-    var: PyTree
-
-    @property
-    def num_sources(self) -> int:
-        """The number of sources ``S`` (the leading axis of every leaf)."""
-        leaves = jax.tree.leaves(self.mean)
-        if not leaves:
-            raise ValueError("GradStats.mean has no leaves; it holds no sources.")
-        return leaves[0].shape[0]
-
-    def fixed_weight_grads(self) -> PyTree:
-        """The fixed-weight gradient ``sum_s mean[s]``: the gradient of the summed losses."""
-        return jax.tree.map(lambda m: jnp.sum(m, axis=0), self.mean)
-
-
-class Moments(NamedTuple):
-    """Running moments of per-example gradients, mergeable with Chan's formula.
-
-    Attributes:
-      count: ``[]`` number of examples.
-      mean: pytree of ``[S, *param.shape]`` means.
-      m2: pytree of ``[S, *param.shape]`` sums of squared deviations from the mean.
-    """
-
-    count: jax.Array
-    mean: PyTree
-    m2: PyTree
-
-
-def accumulation_dtype(dtype) -> jnp.dtype:
-    """The dtype statistics are kept in: at least float32 (float64 stays float64)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def moments_from_samples(per_example: PyTree, axis: int = 1) -> Moments:
-    """Moments of per-example gradients stacked along ``axis`` (``[S, n, ...]`` leaves)."""
-    leaves = jax.tree.leaves(per_example)
-    n = leaves[0].shape[axis]
-
-    def mean_and_m2(g):
-        g = g.astype(accumulation_dtype(g.dtype))
-        mean = jnp.mean(g, axis=axis)
-        m2 = jnp.sum(jnp.square(g - jnp.expand_dims(mean, axis)), axis=axis)
-        return mean, m2
-
-    # Leaf by leaf, not with tree.map + is_leaf=tuple: the params may hold tuples.
-    flat, treedef = jax.tree.flatten(per_example)
-    pairs = [mean_and_m2(g) for g in flat]
-    mean = jax.tree.unflatten(treedef, [p[0] for p in pairs])
-    m2 = jax.tree.unflatten(treedef, [p[1] for p in pairs])
-    return Moments(jnp.asarray(n, jnp.float32), mean, m2)
-
-
-def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Chan's parallel merge of two sets of moments over disjoint sets of examples."""
-    count = a.count + b.count
-    frac_b = jnp.where(count > 0, b.count / jnp.maximum(count, 1.0), 0.0)
-    cross = jnp.where(count > 0, a.count * b.count / jnp.maximum(count, 1.0), 0.0)
-
-    def merge_leaf(mean_a, m2_a, mean_b, m2_b):
-        delta = mean_b - mean_a
-        mean = mean_a + delta * frac_b.astype(delta.dtype)
-        m2 = m2_a + m2_b + jnp.square(delta) * cross.astype(delta.dtype)
-        return mean, m2
-
-    # Leaf by leaf, not with tree.map + is_leaf=tuple: the params may hold tuples.
-    flat_mean_a, treedef = jax.tree.flatten(a.mean)
-    others = [treedef.flatten_up_to(t) for t in (a.m2, b.mean, b.m2)]
-    pairs = [merge_leaf(*leaves) for leaves in zip(flat_mean_a, *others)]
-    mean = jax.tree.unflatten(treedef, [p[0] for p in pairs])
-    m2 = jax.tree.unflatten(treedef, [p[1] for p in pairs])
-    return Moments(count, mean, m2)
-
-
-def all_reduce_moments(moments: Moments, axis_name) -> Moments:
-    """Merge moments held by every device along ``axis_name`` (exact, Chan's formula).
-
-    With per-device counts ``n_k``, means ``mu_k`` and ``m2_k``: ``N = sum n_k``,
-    ``mu = sum n_k mu_k / N``, ``m2 = sum (m2_k + n_k (mu_k - mu)**2)``.
-    """
-    count = jax.lax.psum(moments.count, axis_name)
-    safe = jnp.maximum(count, 1.0)
-
-    def mean_leaf(mean):
-        return jax.lax.psum(mean * moments.count.astype(mean.dtype), axis_name) / safe.astype(
-            mean.dtype
-        )
-
-    mean = jax.tree.map(mean_leaf, moments.mean)
-
-    def m2_leaf(local_mean, local_m2, global_mean):
-        spread = moments.count.astype(local_mean.dtype) * jnp.square(local_mean - global_mean)
-        return jax.lax.psum(local_m2 + spread, axis_name)
-
-    m2 = jax.tree.map(m2_leaf, moments.mean, moments.m2, mean)
-    return Moments(count, mean, m2)
-
-
-def as_varying(tree: PyTree, axis_name) -> PyTree:
-    """Mark every leaf as varying over ``axis_name`` (inside ``shard_map``).
-
-    Differentiating with respect to a value that is invariant over a mapped axis (e.g.
-    replicated params) makes JAX sum the gradient over that axis; per-device (per-example)
-    gradients need the value marked varying first. Leaves already varying are left as is;
-    without ``check_vma`` this is the identity.
-    """
-    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-    def one(x):
-        aval = jax.typeof(x)
-        mat = getattr(aval, "mat", None)
-        varying = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", ())
-        missing = tuple(a for a in axes if a not in (varying or ()))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(one, tree)
-
-
-def grad_stats_from_moments(moments: Moments) -> GradStats:
-    """Finalise moments into :class:`GradStats` (unbiased variance, ddof = 1)."""
-    denom = jnp.maximum(moments.count - 1.0, 1.0)
-    var = jax.tree.map(lambda m2: m2 / denom.astype(m2.dtype), moments.m2)
-    return GradStats(moments.count, moments.mean, var)
-
-
-def moments_from_grad_stats(stats: GradStats) -> Moments:
-    """Inverse of :func:`grad_stats_from_moments`: ``m2 = var * (count - 1)``."""
-    factor = jnp.maximum(stats.count - 1.0, 0.0)
-    m2 = jax.tree.map(lambda v: v * factor.astype(v.dtype), stats.var)
-    return Moments(stats.count, stats.mean, m2)
+__all__ = ["GradStats", "Method", "merge_grad_stats", "source_grad_stats"]
 
 
 def merge_grad_stats(a: GradStats, b: GradStats) -> GradStats:
     """Statistics of the union of two disjoint batches, from the statistics of each.
 
-    Exact (Chan's formula); use it to accumulate statistics over micro-batches.
+    Exact (Chan's formula); use it to accumulate statistics over micro-batches. With
+    ``m2 = var * (count - 1)`` and ``delta = b.mean - a.mean``:
+
+        n    = a.count + b.count
+        mean = a.mean + delta * b.count / n
+        var  = (m2_a + m2_b + delta**2 * a.count * b.count / n) / (n - 1)
+
+    A leaf that is ``None`` in both (statistics on a subset of the parameters) stays
+    ``None``; ``None`` in one only is an error.
+
+    Args:
+      a: statistics of one batch.
+      b: statistics of another batch, on the same parameters and sources.
+
+    Returns:
+      :class:`GradStats` with ``count = a.count + b.count``.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -196,116 +80,79 @@ def merge_grad_stats(a: GradStats, b: GradStats) -> GradStats:
       >>> whole = bj.source_grad_stats(losses_fn, params, x, method="vmap")
       >>> float(merged.count), bool(jnp.allclose(merged.var["w"], whole.var["w"]))
       (6.0, True)
+
+    References:
+      Chan, Golub and LeVeque, Updating formulae and a pairwise algorithm for computing
+      sample variances, 1979.
     """
-    return grad_stats_from_moments(
-        merge_moments(moments_from_grad_stats(a), moments_from_grad_stats(b))
-    )
-
-
-def batch_size_of(batch: PyTree) -> int:
-    """The common leading dimension of every leaf of ``batch``."""
-    leaves = jax.tree.leaves(batch)
-    if not leaves:
-        raise ValueError(
-            "batch has no array leaves; expected a pytree of arrays with a leading batch axis."
-        )
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if None in sizes or len(sizes) != 1:
-        shapes = [jnp.shape(x) for x in leaves]
-        raise ValueError(
-            f"batch: every leaf needs the same leading batch axis; got leaf shapes {shapes}. "
-            "Give each array the examples along axis 0."
-        )
-    return sizes.pop()
-
-
-def _per_example_loss_fn(losses_fn: LossesFn) -> Callable[[PyTree, PyTree], jax.Array]:
-    """``(params, example) -> [S]`` from ``losses_fn(params, batch) -> [S, B]``."""
-
-    def one(params, example):
-        batch_of_one = jax.tree.map(lambda x: jnp.expand_dims(x, 0), example)
-        losses = losses_fn(params, batch_of_one)
-        return losses[:, 0]
-
-    return one
-
-
-def _vmap_moments(losses_fn: LossesFn, params: PyTree, batch: PyTree) -> Moments:
-    """Moments from per-example gradients materialised with ``vmap(jacrev)``."""
-    jac = jax.jacrev(_per_example_loss_fn(losses_fn))
-    per_example = jax.vmap(jac, in_axes=(None, 0))(params, batch)  # leaves [n, S, ...]
-    per_example = jax.tree.map(lambda g: jnp.swapaxes(g, 0, 1), per_example)
-    return moments_from_samples(per_example, axis=1)
-
-
-def _num_batch_shards(x) -> int:
-    """How many devices split ``x``'s first axis under explicit sharding (else 1)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = getattr(sharding, "spec", None)
-    if not spec or spec[0] is None:
-        return 1
-    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    shards = 1
-    for name in names:
-        shards *= sharding.mesh.shape[name]
-    return shards
-
-
-def _chunked_moments(moments_fn, losses_fn, params, batch, chunk_size: int) -> Moments:
-    """Stream the batch in chunks through ``lax.scan``, merging moments with Chan.
-
-    Chunk ``j`` holds examples ``j, j + num_chunks, j + 2 num_chunks, ...`` (a strided
-    split; the merge does not depend on the order). A batch sharded over devices along
-    its first axis (contiguous blocks) then keeps every chunk spread over all devices, so
-    each device streams its own examples and nothing is gathered; under explicit sharding
-    (the default of ``jax.make_mesh``) this needs ``chunk_size`` to be a multiple of the
-    number of devices the batch axis is split over.
-    """
-    n = batch_size_of(batch)
-    num_chunks = n // chunk_size
-    for leaf in jax.tree.leaves(batch):
-        shards = _num_batch_shards(leaf)
-        if chunk_size % shards:
-            raise ValueError(
-                f"chunk_size={chunk_size} is not a multiple of the {shards} devices the batch "
-                f"axis is sharded over; pick a chunk_size that is (each device then streams "
-                f"chunk_size / {shards} of its own examples per chunk)."
+    for name, stats in (("a", a), ("b", b)):
+        if not isinstance(stats, GradStats):
+            raise TypeError(
+                f"merge_grad_stats: {name} must be a bogc_jax.GradStats; got "
+                f"{type(stats).__name__}. Build it with bj.source_grad_stats."
             )
-    chunks = jax.tree.map(
-        lambda x: jnp.swapaxes(jnp.reshape(x, (chunk_size, num_chunks) + jnp.shape(x)[1:]), 0, 1),
-        batch,
+    is_none = lambda x: x is None
+    for field in ("mean", "var"):
+        flat_a, treedef = jax.tree_util.tree_flatten_with_path(getattr(a, field), is_leaf=is_none)
+        flat_b, treedef_b = jax.tree.flatten(getattr(b, field), is_leaf=is_none)
+        if cast(Any, treedef_b) != treedef:
+            raise ValueError(
+                f"merge_grad_stats: a.{field} and b.{field} have different pytree structures "
+                f"({treedef} and {treedef_b}); merge statistics of the same parameters."
+            )
+        for (path, leaf_a), leaf_b in zip(flat_a, flat_b):
+            if (leaf_a is None) != (leaf_b is None):
+                which, other = ("a", "b") if leaf_a is None else ("b", "a")
+                raise ValueError(
+                    f"merge_grad_stats: {which}.{field}{jax.tree_util.keystr(path)} is None but "
+                    f"{other}.{field}{jax.tree_util.keystr(path)} is not. Merge statistics taken "
+                    "on the same parameters (e.g. bj.laplace_grad_stats with the same mask)."
+                )
+    moments = _moments.merge_moments(
+        _moments.moments_from_grad_stats(a), _moments.moments_from_grad_stats(b)
     )
-    first = jax.tree.map(lambda x: x[0], chunks)
-    rest = jax.tree.map(lambda x: x[1:], chunks)
-    init = moments_fn(losses_fn, params, first)
-
-    def body(carry, chunk):
-        return merge_moments(carry, moments_fn(losses_fn, params, chunk)), None
-
-    moments, _ = jax.lax.scan(body, init, rest)
-    return moments
+    return _moments.grad_stats_from_moments(moments)
 
 
-def check_losses(losses: jax.ShapeDtypeStruct, n: int) -> int:
-    """Validate the abstract output of ``losses_fn``; return the number of sources."""
+# ----------------------------------------------------------------------------------------
+# Checks of the arguments of source_grad_stats.
+
+
+def check_losses(owner: str, losses_fn: LossesFn, params: PyTree, batch: PyTree, n: int) -> int:
+    """``losses_fn`` gives floating ``[S, B]`` losses, column ``i`` from example ``i``.
+
+    The shape is checked on the batch and on a batch of its first example alone: a
+    transposed ``[B, S]`` output has the right shape when ``B = S``, but not on one example.
+
+    Returns:
+      the number of sources ``S``.
+    """
+    losses = jax.eval_shape(losses_fn, params, batch)
     if len(losses.shape) != 2 or losses.shape[1] != n:
         raise ValueError(
-            f"losses_fn must return per-source, per-example losses of shape [S, B] = [S, {n}]; "
-            f"got shape {tuple(losses.shape)}. Stack the loss terms, e.g. "
-            "jnp.stack([fusion_loss, audio_loss, image_loss]), each of shape [B] (no mean "
-            "over the batch)."
+            f"{owner}: losses_fn must return per-source, per-example losses of shape "
+            f"[S, B] = [S, {n}]; got shape {tuple(losses.shape)}. {_STACK_HINT}"
         )
     if not jnp.issubdtype(losses.dtype, jnp.floating):
-        raise TypeError(f"losses_fn must return floating losses; got dtype {losses.dtype}.")
-    return losses.shape[0]
+        raise TypeError(
+            f"{owner}: losses_fn must return floating losses; got dtype {losses.dtype}."
+        )
+    num_sources = losses.shape[0]
+    one = jax.eval_shape(losses_fn, params, _per_example.first_examples(batch, 1))
+    if tuple(one.shape) != (num_sources, 1):
+        raise ValueError(
+            f"{owner}: losses_fn must return per-source, per-example losses of shape [S, B], "
+            f"column i from example i; on a batch of {n} it returned {tuple(losses.shape)} "
+            f"but on a batch of one example {tuple(one.shape)} instead of ({num_sources}, 1). "
+            f"Is the output transposed ([B, S])? {_STACK_HINT}"
+        )
+    return num_sources
 
 
-def check_params(params: PyTree) -> None:
+def check_params(owner: str, params: PyTree) -> None:
     """Every parameter leaf must be a floating array."""
-    from bogc_jax import validation  # pylint: disable=g-import-not-at-top
-
     validation.check_floating(
-        "source_grad_stats",
+        owner,
         "params",
         params,
         fix="Gradient statistics need floating parameters. Keep integer state (counters, "
@@ -313,10 +160,85 @@ def check_params(params: PyTree) -> None:
     )
 
 
+def check_axis_name(owner: str, params: PyTree, batch: PyTree, axis_name) -> None:
+    """Inside ``shard_map``, a batch split over a mapped axis needs that ``axis_name``.
+
+    The batch then varies over the axis while replicated params do not: without
+    ``axis_name`` the per-example gradients would be summed over the devices while the
+    count stays this device's. (Params that vary over the axis too give the statistics of
+    this device's examples, which is allowed.)
+    """
+    if axis_name is not None:
+        return
+    batch_axes = frozenset().union(*(_moments.varying_axes(x) for x in jax.tree.leaves(batch)))
+    if not batch_axes:
+        return
+    param_axes = [_moments.varying_axes(x) for x in jax.tree.leaves(params)]
+    missing = sorted(a for a in batch_axes if not all(a in axes for axes in param_axes))
+    if missing:
+        name = missing[0] if len(missing) == 1 else tuple(missing)
+        raise ValueError(
+            f"{owner}: the batch varies over the mapped axis {name!r} (it is split over "
+            "devices inside shard_map or pmap) but axis_name is None, so the statistics would "
+            "sum the gradients of the devices and count only this device's examples. Pass "
+            f"axis_name={name!r} to get the statistics of the whole batch, merged across "
+            "devices."
+        )
+
+
+def check_chunk_size(owner: str, chunk_size, batch: PyTree, n: int) -> int | None:
+    """``chunk_size`` is None or a positive int (NumPy ints too, not bools) dividing ``n``
+    and, under explicit sharding, a multiple of the devices the batch axis is split over."""
+    if chunk_size is None:
+        return None
+    is_int = isinstance(chunk_size, (int, np.integer)) and not isinstance(
+        chunk_size, (bool, np.bool_)
+    )
+    if not is_int or chunk_size < 1:
+        raise ValueError(
+            f"{owner}: chunk_size must be a positive int or None; got {chunk_size!r}. Pass the "
+            "number of examples per chunk, e.g. chunk_size=32."
+        )
+    chunk_size = int(chunk_size)
+    if n % chunk_size:
+        raise ValueError(
+            f"{owner}: chunk_size={chunk_size} does not divide the batch size {n}; pick a "
+            f"divisor of {n} or pad the batch."
+        )
+    for leaf in jax.tree.leaves(batch):
+        shards = _moments.num_batch_shards(leaf)
+        if chunk_size % shards:
+            raise ValueError(
+                f"{owner}: chunk_size={chunk_size} is not a multiple of the {shards} devices "
+                f"the batch axis is sharded over; pick a chunk_size that is (each device then "
+                f"streams chunk_size / {shards} of its own examples per chunk)."
+            )
+    return chunk_size
+
+
+def _nnx_module_parts(params):
+    """``(graphdef, param_state, rest)`` when ``params`` is a Flax NNX module, else None."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(params, nnx.Module):
+        return None
+    return nnx.split(params, nnx.Param, ...)
+
+
+def _module_losses_fn(losses_fn, graphdef, rest) -> LossesFn:
+    """``(param_state, batch) -> losses_fn(module, batch)``, the module rebuilt from its parts."""
+    nnx = sys.modules["flax.nnx"]
+
+    def state_losses_fn(param_state, batch):
+        return losses_fn(nnx.merge(graphdef, param_state, rest), batch)
+
+    return state_losses_fn
+
+
 def source_grad_stats(
     losses_fn: LossesFn,
     params: PyTree,
     batch: PyTree,
+    *,
     method: Method = "auto",
     chunk_size: int | None = None,
     axis_name: Any = None,
@@ -335,7 +257,10 @@ def source_grad_stats(
 
     Args:
       losses_fn: ``(params, batch) -> [S, B]`` per-source, per-example losses.
-      params: any pytree of floating arrays.
+      params: any pytree of floating arrays, or a Flax NNX module (as for ``nnx.grad``:
+        ``losses_fn`` then takes the module, and the statistics are those of its
+        ``nnx.Param`` state, shaped like ``nnx.grad``'s result, ready for
+        ``nnx.Optimizer.update(model, grads, grad_stats=stats)``).
       batch: pytree of arrays whose leaves share a leading batch axis ``B``; ``B >= 2``
         over all devices (a ddof = 1 variance needs two examples; a batch of one is an
         error).
@@ -347,10 +272,12 @@ def source_grad_stats(
         (must divide ``B``), bounding the memory of the vmap path to ``chunk_size x P``.
       axis_name: when called inside ``shard_map`` or ``pmap`` with the batch split over
         devices, the mapped axis name: counts, means and second moments are merged across
-        devices exactly, so every device gets the statistics of the whole batch. Not needed
-        under ``jit`` with sharded global arrays (on a mesh with explicit axes, the default
-        of ``jax.make_mesh``, call inside ``jax.set_mesh(mesh)``; there ``"auto"`` needs
-        every leaf on the fast path, or a mesh with ``AxisType.Auto`` axes).
+        devices exactly, so every device gets the statistics of the whole batch (forgetting
+        it there is an error). Not needed under ``jit`` with sharded global arrays (on a
+        mesh with explicit axes, the default of ``jax.make_mesh``, call inside
+        ``jax.set_mesh(mesh)``; params not placed on the mesh are replicated on it; there
+        ``"auto"`` needs every leaf on the fast path, or a mesh with ``AxisType.Auto``
+        axes).
 
     Returns:
       :class:`GradStats` with ``count = B`` (summed over devices) and ``mean``/``var``
@@ -366,38 +293,25 @@ def source_grad_stats(
       >>> stats.mean["w"].shape, float(stats.count)
       ((2, 3), 4.0)
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}; got {method!r}.")
-    check_params(params)
-    n = batch_size_of(batch)
-    from bogc_jax import validation  # pylint: disable=g-import-not-at-top
+    owner = "source_grad_stats"
+    validation.check_choice(owner, "method", method, _METHODS)
+    module = _nnx_module_parts(params)
+    if module is not None:
+        graphdef, params, rest = module
+        losses_fn = _module_losses_fn(losses_fn, graphdef, rest)
+    check_params(owner, params)
+    n = _per_example.batch_size_of(batch)
+    validation.check_num_examples(owner, n, axis_name)
+    check_axis_name(owner, params, batch, axis_name)
+    chunk_size = check_chunk_size(owner, chunk_size, batch, n)
+    check_losses(owner, losses_fn, params, batch, n)
 
-    validation.check_num_examples("source_grad_stats", n, axis_name)
-    if chunk_size is not None:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None; got {chunk_size!r}.")
-        if n % chunk_size:
-            raise ValueError(
-                f"chunk_size={chunk_size} does not divide the batch size {n}; pick a divisor "
-                f"of {n} or pad the batch."
-            )
-    losses = jax.eval_shape(losses_fn, params, batch)
-    check_losses(losses, n)
-
-    if method == "vmap":
-        moments_fn = _vmap_moments
-    else:
-        from bogc_jax import fast_stats  # pylint: disable=g-import-not-at-top
-
-        moments_fn = fast_stats.fast_moments if method == "fast" else fast_stats.auto_moments
-
+    params = _moments.replicate_on_context_mesh(params)
     if axis_name is not None:
         # Per-example gradients of this device's examples only (not summed over devices).
-        params = as_varying(params, axis_name)
-    if chunk_size is None or chunk_size == n:
-        moments = moments_fn(losses_fn, params, batch)
-    else:
-        moments = _chunked_moments(moments_fn, losses_fn, params, batch, chunk_size)
+        params = _moments.as_varying(params, axis_name)
+    moments_fn = _per_example.chunked(_MOMENTS_FNS[method], chunk_size)
+    moments = moments_fn(losses_fn, params, batch)
     if axis_name is not None:
-        moments = all_reduce_moments(moments, axis_name)
-    return grad_stats_from_moments(moments)
+        moments = _moments.all_reduce_moments(moments, axis_name)
+    return _moments.grad_stats_from_moments(moments)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bogc_jax._moments import GradStats
+
 PyTree = Any
 
 _GRAD_STATS_HOWTO = (
@@ -190,8 +192,6 @@ def grad_stats_leaves(
       ValueError: ``grad_stats`` missing, ``count`` not a scalar, structure mismatch.
       TypeError: not a :class:`bogc_jax.GradStats`.
     """
-    from bogc_jax.stats import GradStats  # pylint: disable=g-import-not-at-top
-
     if grad_stats is None:
         raise ValueError(
             f"{owner}: missing the keyword extra argument grad_stats. Call {_GRAD_STATS_HOWTO}."

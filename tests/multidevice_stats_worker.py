@@ -8,12 +8,15 @@ devices
 - inside ``jax.shard_map`` (batch split on the "data" axis, params replicated,
   ``axis_name="data"``), with and without ``chunk_size``, with and without ``check_vma``;
 - under plain ``jit`` with the batch sharded by a ``NamedSharding`` (no ``axis_name``);
+- under plain ``jit`` on the explicit mesh with params never placed on it (no
+  ``device_put``);
 - inside ``jax.pmap`` with ``axis_name``;
 
 and the same for ``bj.laplace_grad_stats`` (same PRNG key on every device), then feeds
-every result to ``bj.bogc`` (each aggregation). It prints one JSON line
-``{"device_count": 8, "errors": {name: relative error}}`` and exits with status 1 if
-any error exceeds the tolerance.
+every result to ``bj.bogc`` (each aggregation). It also checks that forgetting
+``axis_name`` inside ``shard_map`` is an error that names it (``guards``). It prints one
+JSON line ``{"device_count": 8, "errors": {name: relative error}, "guards": {...}}`` and
+exits with status 1 if any error exceeds the tolerance or a guard did not hold.
 """
 
 import functools
@@ -188,12 +191,12 @@ def main():
         )
         return jax.jit(mapped, compiler_options=FAST_COMPILE)(params_replicated, batch_sharded)
 
-    def jit_sharded(fn, on=None, **kw):
+    def jit_sharded(fn, on=None, place_params=True, **kw):
         # Explicit-axes mesh (jax.make_mesh's default) unless told otherwise; set, as jax asks.
         on = on or mesh
         with jax.set_mesh(on):
             return jax.jit(functools.partial(fn, **kw), compiler_options=FAST_COMPILE)(
-                jax.device_put(params, NamedSharding(on, P())),
+                jax.device_put(params, NamedSharding(on, P())) if place_params else params,
                 jax.device_put(batch, NamedSharding(on, P("data"))),
             )
 
@@ -217,10 +220,19 @@ def main():
         "jit_sharded": ("stats", lambda: jit_sharded(stats)),
         "jit_sharded_chunked": ("stats", lambda: jit_sharded(stats, chunk_size=8)),
         "jit_sharded_auto": ("auto", lambda: jit_sharded(auto, on=auto_mesh)),
+        "jit_unplaced_params": ("stats", lambda: jit_sharded(stats, place_params=False)),
+        "jit_unplaced_params_chunked": (
+            "stats",
+            lambda: jit_sharded(stats, place_params=False, chunk_size=8),
+        ),
         "pmap_chunked": ("stats", lambda: pmapped(stats, chunk_size=2)),
         "laplace_shard_map": ("laplace", lambda: sharded(laplace)),
         "laplace_shard_map_no_check_vma": ("laplace", lambda: sharded(laplace, check_vma=False)),
         "laplace_jit_sharded": ("laplace", lambda: jit_sharded(laplace)),
+        "laplace_jit_unplaced_params": (
+            "laplace",
+            lambda: jit_sharded(laplace, place_params=False),
+        ),
         "laplace_shard_map_auto": ("laplace", lambda: sharded(laplace_auto)),
     }
     errors, failures = {}, {}
@@ -243,15 +255,26 @@ def main():
                 )
         except Exception as err:  # pylint: disable=broad-except
             failures[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    guards = {}
+    for name, fn in (("stats", stats), ("laplace", laplace)):
+        try:  # the batch split over "data", axis_name forgotten
+            sharded(lambda p, b, fn=fn, **kw: fn(p, b))
+            guards[f"{name}_forgotten_axis_name"] = "no error"
+        except ValueError as err:
+            message = str(err).splitlines()[0]
+            ok = "axis_name='data'" in message and "mapped axis 'data'" in message
+            guards[f"{name}_forgotten_axis_name"] = "ok" if ok else message[:300]
     verdict = {
         "device_count": jax.device_count(),
         "tolerance": TOLERANCE,
         "errors": errors,
         "exceptions": failures,
+        "guards": guards,
         "cpu_seconds": seconds,
     }
     print(json.dumps(verdict))
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
+    bad.update({k: v for k, v in guards.items() if v != "ok"})
     if bad or failures:
         print(f"FAILED: {bad} {failures}", file=sys.stderr)
         sys.exit(1)

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bogc_jax as bj
-from bogc_jax import fast_stats
+from bogc_jax._fast_stats import kernels as fast_stats_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,8 +129,8 @@ def test_shared_positions_dense_and_dot_general_layouts():
     def losses_fn(p, x):
         h = jnp.tanh(x @ p["w"])  # weight shared over T
         g = jnp.einsum("btd,hdk->bthk", x, p["u"])  # multi-axis output
-        l = jnp.einsum("td,btd->bt", p["left"], x)  # weight as the lhs, batch dims
-        return jnp.stack([h.sum((1, 2)), jnp.square(g).sum((1, 2, 3)), (l * h[..., 0]).sum(1)])
+        left = jnp.einsum("td,btd->bt", p["left"], x)  # weight as the lhs, batch dims
+        return jnp.stack([h.sum((1, 2)), jnp.square(g).sum((1, 2, 3)), (left * h[..., 0]).sum(1)])
 
     # "left" has one position per group t (dot_general batch dims): still a closed form.
     assert labels(losses_fn, params, x) == ["dense"] + ["dense (shared positions)"] * 2
@@ -156,6 +156,31 @@ def test_cancellation_regime_against_float64_truth():
     var = g.var(axis=1, ddof=1)
     np.testing.assert_allclose(fast.var["w"], var, rtol=1e-4, atol=1e-6 * var.max())
     np.testing.assert_allclose(fast.mean["w"], g.mean(axis=1), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("input_scale", [1e-20, 1e20])
+def test_dense_keeps_the_variance_when_factors_square_out_of_range(input_scale):
+    """Inputs ~1e-20 with cotangents ~1e20 (and the reverse): every per-example gradient is
+    of order one, but ``x**2`` or ``delta**2`` alone under- or overflows float32."""
+    k = jax.random.split(jax.random.key(11), 3)
+    n, d, out = 16, 4, 3
+    x = jax.random.normal(k[0], (n, d)) * input_scale
+    params = {"w": jax.random.normal(k[1], (d, out)), "v": jax.random.normal(k[2], (out,))}
+
+    def losses_fn(p, x):
+        y = (x @ p["w"]) / input_scale  # the cotangent of x @ w carries 1 / input_scale
+        return jnp.stack([y @ p["v"], jnp.square(y).sum(-1)])
+
+    assert labels(losses_fn, params, x) == ["dense", "dense"]
+    fast = bj.source_grad_stats(losses_fn, params, x, method="fast")
+    xs = np.asarray(x, np.float64) / input_scale
+    w, v = (np.asarray(params[name], np.float64) for name in ("w", "v"))
+    cotangents = [np.broadcast_to(v, (n, out)), 2 * (xs @ w)]  # per source, times input_scale
+    for s, delta in enumerate(cotangents):
+        g = xs[:, :, None] * delta[:, None, :]  # per-example gradients of w, float64
+        var = g.var(axis=0, ddof=1)
+        np.testing.assert_allclose(fast.var["w"][s], var, rtol=1e-4, atol=1e-6 * var.max())
+        np.testing.assert_allclose(fast.mean["w"][s], g.mean(0), rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None)
@@ -264,6 +289,37 @@ def test_embedding_with_repeated_and_out_of_range_rows():
     assert_stats_close(*both(single_use, params, ids))
 
 
+EMBEDDING_LOOKUPS = {
+    "index": lambda t, i: t[i],
+    "take_fill": lambda t, i: jnp.take(t, i, axis=0, mode="fill", fill_value=0.0),
+    "take_clip": lambda t, i: jnp.take(t, i, axis=0, mode="clip"),
+    "take_wrap": lambda t, i: jnp.take(t, i, axis=0, mode="wrap"),
+    "get_promise_in_bounds": lambda t, i: t.at[i].get(mode="promise_in_bounds"),
+    "get_clip": lambda t, i: t.at[i].get(mode="clip"),
+    "get_fill": lambda t, i: t.at[i].get(mode="fill", fill_value=0.0),
+    "get_drop": lambda t, i: t.at[i].get(mode="drop", fill_value=0.0),
+}
+
+
+@pytest.mark.parametrize("lookup", sorted(EMBEDDING_LOOKUPS))
+def test_embedding_out_of_range_ids_follow_autodiff_in_every_mode(lookup):
+    """A padding id equal to the vocabulary size (and ids below ``-vocab``) are credited as
+    ``jax.grad`` credits them in the lookup's mode: clamped, wrapped or dropped."""
+    vocab = 6
+    k = jax.random.split(jax.random.key(sorted(EMBEDDING_LOOKUPS).index(lookup)), 3)
+    params = {"table": jax.random.normal(k[0], (vocab, 3)), "w": jax.random.normal(k[1], (3,))}
+    ids = jax.random.randint(k[2], (8, 5), -vocab - 3, vocab + 3)
+    ids = ids.at[:, 0].set(vocab).at[::2, 1].set(-vocab - 1)  # padding id, far negative ids
+    look = EMBEDDING_LOOKUPS[lookup]
+
+    def losses_fn(p, ids):
+        o = look(p["table"], ids) @ p["w"]
+        return jnp.stack([o.sum(-1), jnp.square(o).sum(-1)])
+
+    assert labels(losses_fn, params, ids)[0] == "embedding"
+    assert_stats_close(*both(losses_fn, params, ids))
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: embedding, attention, MLP, LayerNorm scale and bias."""
 
@@ -352,7 +408,7 @@ def test_auto_falls_back_per_leaf():
 
 def test_materialised_leaves_stream_in_chunks(monkeypatch):
     """A budget smaller than one batch forces the chunked (scan + Chan) path."""
-    monkeypatch.setattr(fast_stats, "MATERIALISE_BUDGET", 64)
+    monkeypatch.setattr(fast_stats_kernels, "MATERIALISE_BUDGET", 64)
     losses_fn, params, x = scan_model(recurrent=False)  # tied and softplus leaves
     assert_stats_close(*both(losses_fn, params, x))
     model = SmallCNN(nnx.Rngs(2))

@@ -25,10 +25,13 @@ CHECKS = [
     "jit_sharded",
     "jit_sharded_chunked",
     "jit_sharded_auto",
+    "jit_unplaced_params",
+    "jit_unplaced_params_chunked",
     "pmap_chunked",
     "laplace_shard_map",
     "laplace_shard_map_no_check_vma",
     "laplace_jit_sharded",
+    "laplace_jit_unplaced_params",
     "laplace_shard_map_auto",
 ]
 
@@ -77,3 +80,10 @@ def test_split_batch_equals_single_device(verdict, check):
         f"{check}/bogc_dimension_frame",
     }
     assert all(v <= tolerance for v in errors.values()), errors
+
+
+@pytest.mark.parametrize("name", ["stats", "laplace"])
+def test_forgetting_axis_name_on_split_batch_is_an_error(verdict, name):
+    """Inside shard_map on 8 devices without axis_name: an error naming the fix, not the
+    device-summed gradients' statistics."""
+    assert verdict["guards"][f"{name}_forgotten_axis_name"] == "ok"

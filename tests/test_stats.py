@@ -117,7 +117,7 @@ def reference_stats(losses_fn, params, batch):
             select = jnp.zeros(num_sources, jnp.float64).at[s].set(1.0)
             row = []
             for i in range(batch_size):
-                example = jax.tree.map(lambda a: a[i], batch64)
+                example = jax.tree.map(lambda a, i=i: a[i], batch64)
                 g = _one_example_grad(losses_fn)(params64, example, select)
                 assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(g))
                 row.append(jax.tree.map(lambda a: np.asarray(a, np.float64), g))

@@ -87,7 +87,7 @@ def make_family(family):
     import optax  # pylint: disable=g-import-not-at-top
 
     import bogc_jax as bj  # pylint: disable=g-import-not-at-top
-    from bogc_jax import stats as stats_lib  # pylint: disable=g-import-not-at-top
+    from bogc_jax import _moments  # pylint: disable=g-import-not-at-top
 
     def mean_grads(p, batch, axis_name):
         loss = lambda q: jnp.sum(jnp.mean(losses_fn(q, batch), axis=1))
@@ -96,7 +96,7 @@ def make_family(family):
         # Under shard_map (check_vma), the gradient with respect to replicated params is
         # already summed over devices; marking them varying first gives this device's
         # gradient, and the same line is right under pmap.
-        local = jax.grad(loss)(stats_lib.as_varying(p, axis_name))
+        local = jax.grad(loss)(_moments.as_varying(p, axis_name))
         return jax.lax.pmean(local, axis_name)
 
     if family == "bogc":

@@ -64,7 +64,9 @@ def devices():
         xs = jax.device_put(x, NamedSharding(mesh, P("d")))
         mapped = jax.jit(
             jax.shard_map(
-                lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast", axis_name="d"),
+                lambda p, b, f=losses_fn: bj.source_grad_stats(
+                    f, p, b, method="fast", axis_name="d"
+                ),
                 mesh=mesh,
                 in_specs=(P(), P("d")),
                 out_specs=P(),
@@ -74,7 +76,7 @@ def devices():
         if make is embedding_model:  # jnp.take on sharded indices needs an out_sharding
             continue
         with jax.set_mesh(mesh):  # explicit sharding under jit, as jax.make_mesh gives
-            got = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))(
+            got = jax.jit(lambda p, b, f=losses_fn: bj.source_grad_stats(f, p, b, method="fast"))(
                 params, xs
             )
         close(got, ref)

@@ -1,0 +1,231 @@
+"""The dense rules: ``dot_general`` taps in closed form, shared positions and convolutions.
+
+A tap's input, cotangent and weight are brought to a canonical ``[g, P, C]``, ``[g, P, F]``
+and ``[g, C, F]`` (:class:`Canonical`; ``g`` weight-sharing groups, ``P`` positions per
+example that share the weight, ``C`` input and ``F`` output features); a convolution's
+kernel gradient is a dense gradient over its patches (im2col). With one position per
+example the per-example gradient is ``g_i = a_i (x) delta_i`` and its moments have a closed
+form (:func:`dense_moments`); with several, ``g_i = sum_p a_ip (x) delta_ip`` is formed a
+chunk of examples at a time (:func:`positions_moments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bogc_jax._fast_stats import kernels
+from bogc_jax._fast_stats.plan import Plan, dot_dims
+
+# The dense rule's uncentred second moment loses about n mean**2 / m2 units in the last
+# place; above this ratio it is recomputed from centred inputs (three products, not two).
+CANCELLATION_LIMIT = 64.0
+
+
+@dataclasses.dataclass
+class Canonical:
+    """How a tap's input, cotangent and weight map to ``[g, P, C]``, ``[g, P, F]``, ``[g, C, F]``.
+
+    ``g``: weight-sharing groups (``dot_general`` batch dims); ``P``: positions per example
+    that share the weight; ``C``: input features; ``F``: output features.
+    """
+
+    g: int
+    positions: int
+    c: int
+    f: int
+    inputs: Callable  # [n, *input_shape] -> [n, g, P, C]
+    cotangent: Callable  # [n, *out_shape] -> [n, g, P, F]
+    layout: Callable  # [S, g, C, F] -> [S, *leaf_shape]
+
+
+def _layout_fn(plan: Plan, shape_in_order, order):
+    """``[S, g, C, F]`` (dims ``order`` of the operand, flattened) -> ``[S, *leaf_shape]``."""
+    to_operand = tuple(1 + int(i) for i in np.argsort(np.array(order)))
+
+    def layout(x):
+        x = jnp.transpose(x.reshape((x.shape[0],) + tuple(shape_in_order)), (0,) + to_operand)
+        return kernels.pull_back(plan.chain, x, 1)
+
+    return layout
+
+
+def canonical_dot(plan: Plan) -> Canonical:
+    """The canonical form of a ``dot_general`` tap (any dimension numbers)."""
+    node, pos = plan.uses[0]
+    v_shape = tuple(node.invars[pos].aval.shape)
+    a_shape = tuple(node.invars[1 - pos].aval.shape)
+    mine_b, mine_c, mine_f, other_b, other_c, other_f = dot_dims(node, pos)
+    g = math.prod(v_shape[d] for d in mine_b)
+    c = math.prod(v_shape[d] for d in mine_c)
+    f = math.prod(v_shape[d] for d in mine_f)
+    positions = math.prod(a_shape[d] for d in other_f)
+    a_order = (0,) + tuple(1 + d for d in other_b + other_f + other_c)
+
+    def inputs(a):
+        n = a.shape[0]
+        return jnp.transpose(a, a_order).reshape(n, g, positions, c)
+
+    def cotangent(d):  # out dims: batch, lhs free, rhs free
+        n = d.shape[0]
+        if pos == 1:
+            return d.reshape(n, g, positions, f)
+        return jnp.swapaxes(d.reshape(n, g, f, positions), 2, 3)
+
+    order = mine_b + mine_c + mine_f
+    layout = _layout_fn(plan, tuple(v_shape[d] for d in order), order)
+    return Canonical(g, positions, c, f, inputs, cotangent, layout)
+
+
+def canonical_conv(plan: Plan) -> Canonical:
+    """im2col: the kernel gradient of a convolution is a dense gradient over patches."""
+    node, _ = plan.uses[0]
+    p = node.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs_shape = tuple(node.invars[0].aval.shape)
+    rhs_shape = tuple(node.invars[1].aval.shape)
+    out_shape = tuple(node.outvars[0].aval.shape)
+    window = tuple(rhs_shape[d] for d in rhs_spec[2:])
+    out_sp = tuple(out_shape[d] for d in out_spec[2:])
+    strides = tuple(p["window_strides"])
+    dilation = tuple(p["rhs_dilation"] or (1,) * len(window))
+    padding = tuple(tuple(pad) for pad in p["padding"])
+    batch, chans, outs = lhs_shape[lhs_spec[0]], lhs_shape[lhs_spec[1]], rhs_shape[rhs_spec[0]]
+    k = math.prod(window)
+    positions = batch * math.prod(out_sp)
+
+    def inputs(a):  # [n, *lhs] -> [n, 1, P, K * C]
+        n = a.shape[0]
+        # Channels last, so the patches need no transpose: [n, N, *spatial, C].
+        x = jnp.transpose(
+            a, (0, 1 + lhs_spec[0]) + tuple(1 + d for d in lhs_spec[2:]) + (1 + lhs_spec[1],)
+        )
+        x = jax.lax.pad(
+            x,
+            jnp.zeros((), x.dtype),
+            [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)],
+        )
+        patches = []
+        for offset in itertools.product(*(range(w) for w in window)):
+            start = [0, 0] + [o * dl for o, dl in zip(offset, dilation)] + [0]
+            limit = (
+                [n, batch]
+                + [s + (m - 1) * st + 1 for s, m, st in zip(start[2:], out_sp, strides)]
+                + [chans]
+            )
+            patches.append(jax.lax.slice(x, start, limit, (1, 1) + strides + (1,)))
+        x = jnp.stack(patches, axis=-2)  # [n, N, *out, K, C]
+        return x.reshape(n, 1, positions, k * chans)
+
+    def cotangent(d):  # [n, *out] -> [n, 1, P, O]
+        n = d.shape[0]
+        d = jnp.transpose(
+            d, (0, 1 + out_spec[0]) + tuple(1 + x for x in out_spec[2:]) + (1 + out_spec[1],)
+        )
+        return d.reshape(n, 1, positions, outs)
+
+    order = tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0])
+    layout = _layout_fn(plan, tuple(rhs_shape[d] for d in order), order)
+    return Canonical(1, positions, chans * k, outs, inputs, cotangent, layout)
+
+
+def _power_of_two_scale(x, axis: int):
+    """Per column, a power of two ``2**e`` with ``max_i |x_i| / 2**e`` in ``[1, 2)``.
+
+    Dividing by it is exact and brings every column to order one, so that squares neither
+    underflow nor overflow; columns of zeros (or non-finite ones) get 1.
+    """
+    peak = jnp.max(jnp.abs(x), axis=axis)
+    _, exponent = jnp.frexp(peak)
+    info = jnp.finfo(x.dtype)
+    exponent = jnp.clip(exponent - 1, info.minexp, info.maxexp - 1)
+    scale = jnp.ldexp(jnp.ones_like(peak), exponent)
+    return jnp.where(jnp.isfinite(peak) & (peak > 0), scale, jnp.ones_like(peak))
+
+
+def _centred_m2(a, d, n):
+    """``m2`` from centred inputs: ``g_i - mean = a_bar d'_i + (a'_i d_i - cov)``.
+
+    With ``x' = x - mean(x)``, ``d' = delta - mean(delta)`` and ``c = (1/n) sum x' delta``:
+    ``m2 = mean(x)**2 sum_i d'_i**2 + (sum_i x'_i**2 delta_i**2 - n c**2)
+    + 2 mean(x) sum_i x'_i delta_i d'_i``; only centred terms are squared.
+    """
+    a_bar = kernels.sum_examples(a, 1)[:, None] / n  # [S, 1, g, c]
+    d_c = d - kernels.sum_examples(d, 1)[:, None] / n
+    a_c = a - a_bar
+    cov = kernels.contract("sngc,sngf->sgcf", a_c, d) / n  # sum a'd / n
+    s2 = kernels.contract("sngc,sngf->sgcf", jnp.square(a_c), jnp.square(d))  # sum a'^2 d^2
+    s3 = kernels.contract("sngc,sngf->sgcf", a_c, d * d_c)  # sum a' d d'
+    sq_d = kernels.sum_examples(jnp.square(d_c), 1)[:, :, None, :]  # sum d'^2
+    ab = jnp.moveaxis(a_bar, 1, -1)  # [S, g, c, 1]
+    return jnp.square(ab) * sq_d + (s2 - n * jnp.square(cov)) + 2.0 * ab * s3
+
+
+def dense_moments(job: kernels.LeafJob):
+    """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example).
+
+    ``mean = (1/n) sum_i a_i delta_i`` and ``m2 = sum_i a_i**2 delta_i**2 - n mean**2`` (two
+    products per source), recomputed from centred inputs (:func:`_centred_m2`) where the
+    second form would cancel (``n mean**2 > CANCELLATION_LIMIT m2``). Each input column
+    and each cotangent column is first divided by a power of two that brings it to order
+    one (exact), so that ``a**2`` and ``delta**2`` cannot underflow or overflow where the
+    per-example gradient ``a delta`` itself is in range; the moments are scaled back at the
+    end.
+
+    Returns ``(mean, m2)`` of shape ``[len(sources), *leaf_shape]``.
+    """
+    canon = canonical_dot(job.plan)
+    a, dtype = job.tap_input(), job.dtype
+    n, g, c, f = a.shape[0], canon.g, canon.c, canon.f
+    a = canon.inputs(a.astype(dtype)).reshape(n, g, c)
+    d = jnp.stack([canon.cotangent(x.astype(dtype)).reshape(n, g, f) for x in job.tap_deltas()])
+    scale_a = _power_of_two_scale(a, 0)  # [g, c]
+    scale_d = _power_of_two_scale(d, 1)  # [S, g, f]
+    a, d = a / scale_a, d / scale_d[:, None]
+    a_s = jnp.broadcast_to(a, d.shape[:1] + a.shape)  # [S, n, g, c]
+
+    mean = kernels.contract("sngc,sngf->sgcf", a_s, d) / n
+    m2_raw = kernels.contract("sngc,sngf->sgcf", jnp.square(a_s), jnp.square(d)) - n * jnp.square(
+        mean
+    )
+    # The uncentred m2 loses about n mean**2 / m2 units in the last place: above
+    # CANCELLATION_LIMIT, recompute it centred (rare for noisy per-example gradients).
+    risky = jnp.any(n * jnp.square(mean) > CANCELLATION_LIMIT * m2_raw)
+    m2 = jnp.maximum(jax.lax.cond(risky, lambda: _centred_m2(a_s, d, n), lambda: m2_raw), 0.0)
+    factor = scale_a[None, :, :, None] * scale_d[:, :, None, :]  # [S, g, c, f]
+    return canon.layout(mean * factor), canon.layout((m2 * factor) * factor)
+
+
+def positions_moments(job: kernels.LeafJob):
+    """Exact moments when positions share the weight: ``g_i = sum_p a_ip (x) delta_ip``.
+
+    Dense layers on ``[B, T, D]`` inputs and convolutions (over im2col patches). The
+    per-example gradients of this leaf are formed chunk by chunk (two-pass moments per
+    chunk, merged with Chan's formula).
+    """
+    is_conv = job.plan.uses[0][0].name == "conv_general_dilated"
+    canon = (canonical_conv if is_conv else canonical_dot)(job.plan)
+    a, deltas, dtype = job.tap_input(), job.tap_deltas(), job.dtype
+    n, num = a.shape[0], len(deltas)
+
+    def grads(xs):  # a chunk of c examples -> [c, g, C, S * F]
+        a_chunk, d_chunks = xs
+        a_chunk = canon.inputs(a_chunk.astype(dtype))  # [c, g, P, C]
+        d = jnp.concatenate([canon.cotangent(x.astype(dtype)) for x in d_chunks], axis=-1)
+        return jnp.einsum("ngpc,ngpf->ngcf", a_chunk, d, precision=kernels.HIGHEST)
+
+    per_example = canon.g * canon.c * (num * canon.f + canon.positions)
+    chunk = kernels.chunk_for(n, per_example)
+    mean, m2 = kernels.streamed_moments(grads, (a, tuple(deltas)), n, chunk)
+
+    def layout(x):  # [g, C, S * F] -> [S, g, C, F] -> [S, *leaf_shape]
+        x = jnp.moveaxis(x.reshape(canon.g, canon.c, num, canon.f), 2, 0)
+        return canon.layout(x)
+
+    return layout(mean), layout(m2)

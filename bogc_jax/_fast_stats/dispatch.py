@@ -1,0 +1,170 @@
+"""Moments of every parameter leaf: each leaf's rule looked up in one table.
+
+The program is traced and planned once, the taps' cotangents come from one backward pass
+per source, and each leaf's moments come from ``RULES[plan.rule]`` (all rules take a
+:class:`~bogc_jax._fast_stats.kernels.LeafJob` and return ``(mean, m2)`` for the sources
+that reach the leaf; the others get exact zeros). Leaves no rule serves (plan ``"vmap"``)
+get the chunked ``vmap`` reference with ``method="auto"`` and an error naming them with
+``method="fast"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bogc_jax import _moments, _per_example
+from bogc_jax._fast_stats import kernels
+from bogc_jax._fast_stats import program as prog
+from bogc_jax._fast_stats.cotangents import cotangents
+from bogc_jax._fast_stats.dense import dense_moments, positions_moments
+from bogc_jax._fast_stats.embedding import embedding_moments
+from bogc_jax._fast_stats.per_leaf import per_leaf_moments
+from bogc_jax._fast_stats.plan import Program, trace
+
+PyTree = Any
+Rule = Callable[[kernels.LeafJob], tuple[jax.Array, jax.Array]]
+
+# plan.rule -> the rule computing (mean, m2) of the sources reaching the leaf. A "zero"
+# leaf has no tap, so no source reaches it; "vmap" leaves go to the reference.
+RULES: dict[str, Rule] = {
+    "dense": dense_moments,
+    "positions": positions_moments,
+    "embedding": embedding_moments,
+    "per-leaf": per_leaf_moments,
+}
+
+# The vmap fallback materialises per-example gradients of the unsupported leaves (with
+# the rest of a per-example backward pass) in chunks of at most this many numbers.
+VMAP_FALLBACK_BUDGET = 1 << 23
+
+
+def _unsupported_message(names_reasons) -> str:
+    lines = "\n".join(f"  params{name}: {reason}" for name, reason in names_reasons)
+    return (
+        "method='fast' cannot compute exact per-layer moments for these parameters:\n"
+        f"{lines}\nUse method='auto' (these leaves then use vmap; the others stay fast), or "
+        "method='vmap'. bj.fast_stats_plan(losses_fn, params, batch) shows the rule per "
+        "leaf."
+    )
+
+
+def _tap_nodes(program: Program) -> list:
+    """The taps of every leaf a rule serves, each once, in plan order."""
+    taps: list = []
+    for plan in program.plans:
+        if plan.rule in RULES:
+            taps.extend(node for node, _ in plan.uses if all(node is not t for t in taps))
+    return taps
+
+
+def _batch_free_env(program: Program, param_leaves) -> dict:
+    """Values that do not depend on the batch (parameters, constants, views of them)."""
+    env = dict(zip(program.param_vars, param_leaves))
+    free = [
+        node
+        for node in program.nodes
+        if all(v not in program.example_dependent for v in node.outvars)
+    ]
+    prog.run(free, env)
+    return env
+
+
+def _scatter_sources(values, sources, num_sources, shape, dtype):
+    """``[len(sources), *shape]`` -> ``[num_sources, *shape]``, zeros for absent sources."""
+    if len(sources) == num_sources:
+        return values.astype(dtype)
+    where = {s: j for j, s in enumerate(sources)}
+    zero = jnp.zeros(shape, dtype)
+    return jnp.stack(
+        [values[where[s]].astype(dtype) if s in where else zero for s in range(num_sources)]
+    )
+
+
+def _leaf_moments(job: kernels.LeafJob, num_sources: int, shape) -> tuple:
+    """``(mean, m2)`` of one leaf for every source (zeros where no source reaches it)."""
+    if not job.sources:
+        zeros = jnp.zeros((num_sources,) + shape, job.dtype)
+        return zeros, zeros
+    mean, m2 = RULES[job.plan.rule](job)
+    return tuple(
+        _scatter_sources(x, job.sources, num_sources, shape, job.dtype) for x in (mean, m2)
+    )
+
+
+def _vmap_leaves(losses_fn, treedef, param_leaves, ks, batch, n, num_sources):
+    """The reference (chunked ``vmap``) for leaves ``ks`` only, the others held fixed."""
+
+    def sub_losses(sub, b):
+        leaves = list(param_leaves)
+        for k, x in zip(ks, sub):
+            leaves[k] = x
+        return losses_fn(jax.tree.unflatten(treedef, leaves), b)
+
+    sub = [param_leaves[k] for k in ks]
+    size = num_sources * sum(math.prod(jnp.shape(x)) for x in sub)
+    chunk = kernels.chunk_for(n, size, budget=VMAP_FALLBACK_BUDGET)
+    moments = _per_example.chunked(_per_example.vmap_moments, chunk)(sub_losses, sub, batch)
+    return moments.mean, moments.m2
+
+
+def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments:
+    n = _per_example.batch_size_of(batch)
+    num_sources = jax.eval_shape(losses_fn, params, batch).shape[0]
+    program, treedef, param_leaves, example_leaves = trace(losses_fn, params, batch)
+    plans = program.plans
+    unsupported = [k for k, plan in enumerate(plans) if plan.rule == "vmap"]
+    if unsupported and not fallback:
+        paths = [
+            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+        raise ValueError(_unsupported_message([(paths[k], plans[k].reason) for k in unsupported]))
+
+    taps = _tap_nodes(program)
+    deltas, inputs = {}, {}
+    if taps:
+        deltas, inputs = cotangents(program, param_leaves, example_leaves, num_sources, taps)
+    base_env = _batch_free_env(program, param_leaves)
+
+    means: list = [None] * len(plans)
+    m2s: list = [None] * len(plans)
+    for k, plan in enumerate(plans):
+        if plan.rule == "vmap":
+            continue
+        nodes_k = [node for node, _ in plan.uses]
+        sources = [s for s in range(num_sources) if any((s, nd.index) in deltas for nd in nodes_k)]
+        dtype = _moments.accumulation_dtype(jnp.result_type(param_leaves[k]))
+        job = kernels.LeafJob(program, k, plan, base_env, inputs, deltas, sources, n, dtype)
+        shape = tuple(jnp.shape(param_leaves[k]))
+        means[k], m2s[k] = _leaf_moments(job, num_sources, shape)
+
+    if unsupported:
+        means_u, m2s_u = _vmap_leaves(
+            losses_fn, treedef, param_leaves, unsupported, batch, n, num_sources
+        )
+        for k, mean, m2 in zip(unsupported, means_u, m2s_u):
+            means[k], m2s[k] = mean, m2
+
+    return _moments.Moments(
+        jnp.asarray(n, jnp.float32),
+        jax.tree.unflatten(treedef, means),
+        jax.tree.unflatten(treedef, m2s),
+    )
+
+
+def fast_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
+    """Exact per-source moments of per-example gradients, per layer (``method="fast"``).
+
+    Raises ``ValueError`` naming every parameter leaf the fast path cannot serve; use
+    :func:`auto_moments` to fall back to ``vmap`` for those.
+    """
+    return _moments_of(losses_fn, params, batch, fallback=False)
+
+
+def auto_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
+    """Like :func:`fast_moments`, with chunked ``vmap`` for the leaves it cannot serve."""
+    return _moments_of(losses_fn, params, batch, fallback=True)

@@ -1,0 +1,130 @@
+"""What every rule shares: the job of one leaf, products over the examples, and streaming.
+
+A rule receives a :class:`LeafJob` (the leaf's plan, the taps' per-example inputs and
+per-source cotangents, the batch-free values of the program) and returns the ``(mean,
+m2)`` of the leaf for the sources that reach it. Rules that form per-example gradients of
+their leaf stream them in chunks of at most :data:`MATERIALISE_BUDGET` numbers
+(:func:`streamed_moments`): exact two-pass moments per chunk, merged with Chan's formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bogc_jax import _moments
+from bogc_jax._fast_stats.plan import Plan, Program
+
+# Per-example gradients of one leaf are streamed over the batch in chunks holding at most
+# this many numbers (examples x sources x leaf size): 2 MiB in float32, so that a chunk
+# stays in cache between forming the gradients and taking their moments.
+MATERIALISE_BUDGET = 1 << 19
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass
+class LeafJob:
+    """Everything a rule may read to compute one parameter leaf's moments.
+
+    Attributes:
+      program: the flat program and its plans.
+      k: the leaf's index among the parameter leaves.
+      plan: ``program.plans[k]``.
+      base_env: values of the batch-free part of the program (params, constants).
+      inputs: ``{id(var): [n, ...]}``, the example-dependent inputs of the taps.
+      deltas: ``{(source, node index): [[n, *out_shape] per output]}``, the cotangents.
+      sources: the sources that reach the leaf's taps, in order.
+      n: the number of examples.
+      dtype: the accumulation dtype of the leaf.
+    """
+
+    program: Program
+    k: int
+    plan: Plan
+    base_env: dict
+    inputs: dict
+    deltas: dict
+    sources: list
+    n: int
+    dtype: Any
+
+    def tap_input(self):
+        """The example-dependent operand of the leaf's one tap (dense, conv, embedding)."""
+        node, pos = self.plan.uses[0]
+        return self.inputs[id(node.invars[1 - pos])]
+
+    def tap_deltas(self) -> list:
+        """Per source, the cotangent of the leaf's one tap's (first) output."""
+        node, _ = self.plan.uses[0]
+        return [self.deltas[(s, node.index)][0] for s in self.sources]
+
+
+def contract(subscripts, x, y):
+    """``einsum`` at full precision whose output may sum over sharded examples."""
+    return jnp.einsum(
+        subscripts, x, y, precision=HIGHEST, out_sharding=_moments.replicated_if_sharded(x, y)
+    )
+
+
+def sum_examples(x, axis: int):
+    """Sum over ``axis`` as a product with ones.
+
+    XLA:CPU reduces a leading axis of a wide array an order of magnitude slower than it
+    multiplies by a vector of ones; the result is the same.
+    """
+    ones = jnp.ones((x.shape[axis],), x.dtype)
+    return jnp.tensordot(
+        ones,
+        x,
+        axes=((0,), (axis,)),
+        precision=HIGHEST,
+        out_sharding=_moments.replicated_if_sharded(x),
+    )
+
+
+def pull_back(chain, x, lead: int):
+    """Map an array laid out like the view ``chain[-1]``'s output back to the leaf's layout.
+
+    ``x`` has ``lead`` leading axes (sources); the chain is bijective (reshapes, transposes,
+    casts), so moments map through it unchanged.
+    """
+    for node in reversed(chain):
+        in_shape = tuple(node.invars[0].aval.shape)
+        if node.name == "transpose":
+            inverse = np.argsort(node.params["permutation"])
+            x = jnp.transpose(x, tuple(range(lead)) + tuple(lead + int(i) for i in inverse))
+        else:
+            x = jnp.reshape(x, x.shape[:lead] + in_shape)
+    return x
+
+
+def chunk_for(n: int, per_example_numbers: int, budget: int | None = None) -> int:
+    """The largest divisor of ``n`` whose chunk holds at most ``budget`` numbers
+    (default :data:`MATERIALISE_BUDGET`)."""
+    budget = MATERIALISE_BUDGET if budget is None else budget
+    cap = max(1, budget // max(1, per_example_numbers))
+    if cap >= n:
+        return n
+    return max(d for d in range(1, cap + 1) if n % d == 0)
+
+
+def streamed_moments(grads_fn, xs, n: int, chunk: int):
+    """``(mean, m2)`` over the examples (axis 0) of ``grads_fn(chunk of xs)``, by chunks.
+
+    Two-pass within a chunk (``mean``, then ``sum (g - mean)**2``); chunks are merged with
+    Chan's formula, so the result does not depend on the chunking.
+    """
+
+    def moments_of(chunk_xs):
+        g = grads_fn(chunk_xs)
+        mean = sum_examples(g, 0) / g.shape[0]
+        m2 = sum_examples(jnp.square(g - mean), 0)
+        return _moments.Moments(jnp.asarray(g.shape[0], jnp.float32), mean, m2)
+
+    moments = moments_of(xs) if chunk >= n else _moments.scan_chunks(moments_of, xs, chunk)
+    return moments.mean, moments.m2
