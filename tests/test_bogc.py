@@ -437,7 +437,7 @@ def test_property4_scaling_the_losses_scales_output(aggregation):
 
     outs = [calibrate(stats_fn(params, x, c), template, aggregation)[0] for c in (1.0, 7.5, 1e-3)]
     for c, out in zip((7.5, 1e-3), outs[1:]):
-        assert_tree_close(out, jax.tree.map(lambda g: c * g, outs[0]), rtol=1e-4)
+        assert_tree_close(out, jax.tree.map(lambda g, c=c: c * g, outs[0]), rtol=1e-4)
 
 
 def per_coordinate_weights(stats, template, aggregation, source, **hyper):

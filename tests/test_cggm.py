@@ -329,11 +329,11 @@ def test_gradients_direction_matches_finite_differences():
         grad = jax.grad(l_gm)(theta)
         l_gm = jax.jit(l_gm)
         assert float(jnp.abs(grad["encoder"]).max()) > 0  # reaches the encoder (2nd order)
-        for k in range(4):
+        for _ in range(4):
             v = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), theta)
             eps = 1e-5
-            plus = l_gm(jax.tree.map(lambda p, d: p + eps * d, theta, v))
-            minus = l_gm(jax.tree.map(lambda p, d: p - eps * d, theta, v))
+            plus = l_gm(jax.tree.map(lambda p, d, eps=eps: p + eps * d, theta, v))
+            minus = l_gm(jax.tree.map(lambda p, d, eps=eps: p - eps * d, theta, v))
             fd = (plus - minus) / (2 * eps)
             analytic = sum(
                 jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(v))

@@ -7,7 +7,6 @@ keys, and the abstract target for a restore is the state of a fresh ``tx.init``
 params)``.
 """
 
-
 import jax
 import numpy as np
 import optax

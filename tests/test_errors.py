@@ -459,7 +459,7 @@ CASES = [
     Case(
         "mmpareto_modality_sources_length",
         lambda: modality_update(
-            lambda l: bj.mmpareto(l, modality_sources=(1, 2, 3)), grad_stats=STATS
+            lambda labels: bj.mmpareto(labels, modality_sources=(1, 2, 3)), grad_stats=STATS
         ),
         ValueError,
         r"mmpareto: modality_sources has 3 entries but param_labels use 2",
@@ -467,7 +467,7 @@ CASES = [
     Case(
         "mmpareto_source_out_of_range",
         lambda: modality_update(
-            lambda l: bj.mmpareto(l, modality_sources=(1, 5)), grad_stats=STATS
+            lambda labels: bj.mmpareto(labels, modality_sources=(1, 5)), grad_stats=STATS
         ),
         ValueError,
         r"mmpareto: source index 5 .* out of range for the 3 sources",

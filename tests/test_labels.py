@@ -60,8 +60,8 @@ def test_label_params_of_an_nnx_module_drive_nnx_optimizer():
     model = TwoEncoders(nnx.Rngs(0))
     labels = bj.label_params(model, {"encoders": L.INDEX, "fusion": None, "head": None})
     flat = dict(
-        (jax.tree_util.keystr(p), l)
-        for p, l in jax.tree_util.tree_flatten_with_path(labels, is_leaf=lambda x: x is None)[0]
+        (jax.tree_util.keystr(p), label)
+        for p, label in jax.tree_util.tree_flatten_with_path(labels, is_leaf=lambda x: x is None)[0]
     )
     assert flat["['encoders'][1]['kernel']"] == 1 and flat["['head']['bias']"] is None
     with pytest.raises(ValueError, match="fusion/bias, fusion/kernel"):
