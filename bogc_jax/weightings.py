@@ -83,7 +83,7 @@ def precision(lam, touched, *, kappa=1.0, gamma=1.0, prior_weight=1.0):
 
 
 def dempster(lam, touched, *, kappa=1.0, gamma=1.0, prior_weight=1.0):
-    """Pignistic weights of the reduced Dempster fusion of simple support opinions.
+    """Pignistic weights of the reduced Dempster fusion of simple support opinions::
 
         log e = log_evidence(lam, touched, kappa, gamma)
         m, m_theta = fuse_log_simple_supports(log e, W)
