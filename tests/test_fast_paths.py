@@ -68,7 +68,7 @@ def test_fixed_weight_grads_is_the_sum_over_sources(num_sources, seed):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(2, 12), st.integers(1, 9))
 def test_fast_statistics_match_vmap_on_shared_dense_taps(seed, n, width):
     losses_fn, params, batch = two_branch(seed, n, width)
@@ -103,7 +103,7 @@ def test_dense_sources_of_very_different_scales_in_the_cancelling_regime():
         np.testing.assert_allclose(fast.mean["w"][s], mean, rtol=1e-5, atol=1e-6 * abs(mean).max())
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 12))
 def test_source_grad_means_equal_the_vmap_means(seed, n):
     losses_fn, params, batch = two_branch(seed, n)
