@@ -110,8 +110,9 @@ def main(argv=None):
     import jax
 
     sys.path.insert(0, extract(args.before))
-    import bogc_jax as after
     import bogc_jax_before as before
+
+    import bogc_jax as after
 
     rows = []
     for model in args.models.split(","):
@@ -120,7 +121,7 @@ def main(argv=None):
             for name, fn in steps(bj, model, args.batch, new).items():
                 fns[(tag, name)] = fn
         times = {key: [] for key in fns}
-        for key, (fn, a) in fns.items():
+        for fn, a in fns.values():  # warm up
             jax.block_until_ready(fn(*a))
         for _ in range(args.repeats):
             for key, (fn, a) in fns.items():
