@@ -27,7 +27,7 @@ from bogc_jax.representation import (
     representation_bogc,
 )
 from bogc_jax.representation_heads import LinearHead
-from bogc_jax.stats import GradStats, merge_grad_stats, source_grad_stats
+from bogc_jax.stats import GradStats, merge_grad_stats, source_grad_means, source_grad_stats
 
 __all__ = [
     "AccumulationState",
@@ -63,6 +63,7 @@ __all__ = [
     "representation_bogc",
     "representation_moments",
     "representation_weights",
+    "source_grad_means",
     "source_grad_stats",
     "weightings",
 ]

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bogc_jax._sources import sum_over_sources
+
 PyTree = Any
 
 
@@ -58,8 +60,12 @@ class GradStats(NamedTuple):
         return leaves[0].shape[0]
 
     def fixed_weight_grads(self) -> PyTree:
-        """The fixed-weight gradient ``sum_s mean[s]``: the gradient of the summed losses."""
-        return jax.tree.map(lambda m: jnp.sum(m, axis=0), self.mean)
+        """The fixed-weight gradient ``sum_s mean[s]``: the gradient of the summed losses.
+
+        Summed as ``S - 1`` elementwise additions (:func:`sum_over_sources`), an order of
+        magnitude faster on XLA:CPU than a reduction over the short leading axis.
+        """
+        return jax.tree.map(sum_over_sources, self.mean)
 
 
 GradStats.__module__ = "bogc_jax"

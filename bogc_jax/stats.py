@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bogc_jax import _fast_stats, _moments, _per_example, validation
+from bogc_jax._fast_stats.means import fast_means
 from bogc_jax._moments import GradStats
 
 PyTree = Any
@@ -46,7 +47,7 @@ _STACK_HINT = (
     "shape [B] (no mean over the batch)."
 )
 
-__all__ = ["GradStats", "Method", "merge_grad_stats", "source_grad_stats"]
+__all__ = ["GradStats", "Method", "merge_grad_stats", "source_grad_means", "source_grad_stats"]
 
 
 def merge_grad_stats(a: GradStats, b: GradStats) -> GradStats:
@@ -315,3 +316,59 @@ def source_grad_stats(
     if axis_name is not None:
         moments = _moments.all_reduce_moments(moments, axis_name)
     return _moments.grad_stats_from_moments(moments)
+
+
+def source_grad_means(losses_fn: LossesFn, params: PyTree, batch: PyTree) -> GradStats:
+    """Per-source mean gradients of a batch, without variances (what MMPareto reads).
+
+    For ``losses = losses_fn(params, batch)`` of shape ``[S, B]``, every parameter leaf gets
+    ``mean[s] = (1/B) sum_i d losses[s, i] / d params``, the same as
+    :func:`source_grad_stats`'s ``mean``, by one forward pass and one backward pass per
+    source over the part of the program its loss depends on (a source built separately,
+    e.g. a row of ``jnp.stack``, skips the layers it does not reach); no squared product
+    is formed. Means are returned in float32 (float64 stays float64).
+
+    Args:
+      losses_fn: ``(params, batch) -> [S, B]`` per-source, per-example losses.
+      params: any pytree of floating arrays, or a Flax NNX module (``losses_fn`` then
+        takes the module, as for :func:`source_grad_stats`).
+      batch: pytree of arrays whose leaves share a leading batch axis ``B`` (``B >= 1``).
+        Under ``jit`` with sharded global arrays the means are of the whole batch; inside
+        ``shard_map`` or ``pmap`` with the batch split over devices use
+        :func:`source_grad_stats` with ``axis_name``.
+
+    Returns:
+      :class:`GradStats` with ``count = B``, ``mean`` shaped like ``params`` with a leading
+      source axis ``S``, and ``var = None``: accepted by :func:`bogc_jax.mmpareto` and
+      ``fixed_weight_grads``, not by transforms that read variances (bogc, cggm).
+
+    Example:
+      >>> import jax.numpy as jnp, bogc_jax as bj
+      >>> params = {"w": jnp.ones(3)}
+      >>> batch = jnp.arange(12.0).reshape(4, 3)
+      >>> def losses_fn(p, x):
+      ...   return jnp.stack([x @ p["w"], 0.5 * (x @ p["w"]) ** 2])
+      >>> means = bj.source_grad_means(losses_fn, params, batch)
+      >>> full = bj.source_grad_stats(losses_fn, params, batch, method="vmap")
+      >>> means.var is None, bool(jnp.allclose(means.mean["w"], full.mean["w"]))
+      (True, True)
+    """
+    owner = "source_grad_means"
+    module = _nnx_module_parts(params)
+    if module is not None:
+        graphdef, params, rest = module
+        losses_fn = _module_losses_fn(losses_fn, graphdef, rest)
+    check_params(owner, params)
+    n = _per_example.batch_size_of(batch)
+    try:
+        check_axis_name(owner, params, batch, None)
+    except ValueError as err:
+        raise ValueError(
+            f"{err} source_grad_means takes no axis_name: call bj.source_grad_stats(..., "
+            "axis_name=...) there instead."
+        ) from None
+    num_sources = check_losses(owner, losses_fn, params, batch, n)
+    params = _moments.replicate_on_context_mesh(params)
+    treedef = jax.tree.structure(params)
+    means = fast_means(losses_fn, params, batch, num_sources)
+    return GradStats(jnp.asarray(n, jnp.float32), jax.tree.unflatten(treedef, means), None)

@@ -152,54 +152,64 @@ def _power_of_two_scale(x, axis: int):
 def _centred_m2(a, d, n):
     """``m2`` from centred inputs: ``g_i - mean = a_bar d'_i + (a'_i d_i - cov)``.
 
-    With ``x' = x - mean(x)``, ``d' = delta - mean(delta)`` and ``c = (1/n) sum x' delta``:
-    ``m2 = mean(x)**2 sum_i d'_i**2 + (sum_i x'_i**2 delta_i**2 - n c**2)
-    + 2 mean(x) sum_i x'_i delta_i d'_i``; only centred terms are squared.
+    ``a``: ``[n, g, c]``; ``d``: ``[n, g, F]`` (every source's cotangent columns side by
+    side). With ``x' = x - mean(x)``, ``d' = delta - mean(delta)`` and
+    ``c = (1/n) sum x' delta``: ``m2 = mean(x)**2 sum_i d'_i**2 + (sum_i x'_i**2 delta_i**2
+    - n c**2) + 2 mean(x) sum_i x'_i delta_i d'_i``; only centred terms are squared.
     """
-    a_bar = kernels.sum_examples(a, 1)[:, None] / n  # [S, 1, g, c]
-    d_c = d - kernels.sum_examples(d, 1)[:, None] / n
+    a_bar = kernels.sum_examples(a, 0) / n  # [g, c]
+    d_c = d - kernels.sum_examples(d, 0) / n
     a_c = a - a_bar
-    cov = kernels.contract("sngc,sngf->sgcf", a_c, d) / n  # sum a'd / n
-    s2 = kernels.contract("sngc,sngf->sgcf", jnp.square(a_c), jnp.square(d))  # sum a'^2 d^2
-    s3 = kernels.contract("sngc,sngf->sgcf", a_c, d * d_c)  # sum a' d d'
-    sq_d = kernels.sum_examples(jnp.square(d_c), 1)[:, :, None, :]  # sum d'^2
-    ab = jnp.moveaxis(a_bar, 1, -1)  # [S, g, c, 1]
+    cov = kernels.contract("ngc,ngf->gcf", a_c, d) / n  # sum a'd / n
+    s2 = kernels.contract("ngc,ngf->gcf", jnp.square(a_c), jnp.square(d))  # sum a'^2 d^2
+    s3 = kernels.contract("ngc,ngf->gcf", a_c, d * d_c)  # sum a' d d'
+    sq_d = kernels.sum_examples(jnp.square(d_c), 0)[:, None, :]  # sum d'^2, [g, 1, F]
+    ab = a_bar[:, :, None]  # [g, c, 1]
     return jnp.square(ab) * sq_d + (s2 - n * jnp.square(cov)) + 2.0 * ab * s3
+
+
+def _dense_operands(job: kernels.LeafJob):
+    """The tap's input ``[n, g, c]`` and its sources' cotangents side by side ``[n, g, S f]``."""
+    canon = canonical_dot(job.plan)
+    a, dtype = job.tap_input(), job.dtype
+    n, g, c, f = a.shape[0], canon.g, canon.c, canon.f
+    a = canon.inputs(a.astype(dtype)).reshape(n, g, c)
+    parts = [canon.cotangent(x.astype(dtype)).reshape(n, g, f) for x in job.tap_deltas()]
+    d = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def layout(x):  # [g, c, S f] -> [S, g, c, f] -> [S, *leaf_shape]
+        return canon.layout(jnp.moveaxis(x.reshape(g, c, len(parts), f), 2, 0))
+
+    return a, d, layout
 
 
 def dense_moments(job: kernels.LeafJob):
     """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example).
 
-    ``mean = (1/n) sum_i a_i delta_i`` and ``m2 = sum_i a_i**2 delta_i**2 - n mean**2`` (two
-    products per source), recomputed from centred inputs (:func:`_centred_m2`) where the
-    second form would cancel (``n mean**2 > CANCELLATION_LIMIT m2``). Each input column
-    and each cotangent column is first divided by a power of two that brings it to order
-    one (exact), so that ``a**2`` and ``delta**2`` cannot underflow or overflow where the
-    per-example gradient ``a delta`` itself is in range; the moments are scaled back at the
-    end.
+    ``mean = (1/n) sum_i a_i delta_i`` and ``m2 = sum_i a_i**2 delta_i**2 - n mean**2``: two
+    matmuls ``[n, c]^T [n, S f]`` over all sources at once (their cotangents side by side),
+    recomputed from centred inputs (:func:`_centred_m2`) where the second form would cancel
+    (``n mean**2 > CANCELLATION_LIMIT m2``). Each input column and each cotangent column is
+    first divided by a power of two that brings it to order one (exact), so that ``a**2``
+    and ``delta**2`` cannot underflow or overflow where the per-example gradient
+    ``a delta`` itself is in range; the moments are scaled back at the end.
 
     Returns ``(mean, m2)`` of shape ``[len(sources), *leaf_shape]``.
     """
-    canon = canonical_dot(job.plan)
-    a, dtype = job.tap_input(), job.dtype
-    n, g, c, f = a.shape[0], canon.g, canon.c, canon.f
-    a = canon.inputs(a.astype(dtype)).reshape(n, g, c)
-    d = jnp.stack([canon.cotangent(x.astype(dtype)).reshape(n, g, f) for x in job.tap_deltas()])
+    a, d, layout = _dense_operands(job)
+    n = a.shape[0]
     scale_a = _power_of_two_scale(a, 0)  # [g, c]
-    scale_d = _power_of_two_scale(d, 1)  # [S, g, f]
-    a, d = a / scale_a, d / scale_d[:, None]
-    a_s = jnp.broadcast_to(a, d.shape[:1] + a.shape)  # [S, n, g, c]
+    scale_d = _power_of_two_scale(d, 0)  # [g, S f]
+    a, d = a / scale_a, d / scale_d
 
-    mean = kernels.contract("sngc,sngf->sgcf", a_s, d) / n
-    m2_raw = kernels.contract("sngc,sngf->sgcf", jnp.square(a_s), jnp.square(d)) - n * jnp.square(
-        mean
-    )
+    mean = kernels.contract("ngc,ngf->gcf", a, d) / n
+    m2_raw = kernels.contract("ngc,ngf->gcf", jnp.square(a), jnp.square(d)) - n * jnp.square(mean)
     # The uncentred m2 loses about n mean**2 / m2 units in the last place: above
     # CANCELLATION_LIMIT, recompute it centred (rare for noisy per-example gradients).
     risky = jnp.any(n * jnp.square(mean) > CANCELLATION_LIMIT * m2_raw)
-    m2 = jnp.maximum(jax.lax.cond(risky, lambda: _centred_m2(a_s, d, n), lambda: m2_raw), 0.0)
-    factor = scale_a[None, :, :, None] * scale_d[:, :, None, :]  # [S, g, c, f]
-    return canon.layout(mean * factor), canon.layout((m2 * factor) * factor)
+    m2 = jnp.maximum(jax.lax.cond(risky, lambda: _centred_m2(a, d, n), lambda: m2_raw), 0.0)
+    factor = scale_a[:, :, None] * scale_d[:, None, :]  # [g, c, S f]
+    return layout(mean * factor), layout((m2 * factor) * factor)
 
 
 def positions_moments(job: kernels.LeafJob):
