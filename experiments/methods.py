@@ -449,6 +449,14 @@ register(
 )
 
 
+# Representation-space methods (their own training step): BOGC at the representation and
+# BayesAgg-MTL. Imported here, after MethodSpec and MethodParts exist, which it uses.
+from experiments import representation_methods
+
+for _spec in representation_methods.SPECS:
+    register(_spec)
+
+
 def available(name: str) -> tuple[bool, str]:
     """``(True, "")`` or ``(False, reason)`` for a registered method name."""
     if name not in METHODS:
