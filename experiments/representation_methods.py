@@ -192,6 +192,7 @@ SPECS = (
         False,
         ("bayesagg_mtl", "LinearHead"),
         bayesagg(BAYESAGG_SAMPLES),
+        every_dataset=False,
     ),
     methods_lib.MethodSpec(
         f"bayesagg_mtl_diag_s{BAYESAGG_GRID_SAMPLES}",
@@ -208,5 +209,6 @@ SPECS = (
         False,
         ("bayesagg_mtl", "LinearHead"),
         bayesagg(BAYESAGG_SAMPLES, posterior="diag"),
+        every_dataset=False,
     ),
 )
