@@ -68,6 +68,10 @@ class TrainConfig:
       laplace_damping: ``bogc_laplace``'s prior precision.
       laplace_center: ``bogc_laplace``'s means: ``"batch"`` (the batch gradients) or
         ``"draws"`` (the draws' average).
+      rep_power: the representation methods' variance power ``p``; ``None``: the
+        method's own (``experiments.representation_methods``).
+      rep_prior_variance: the representation methods' head prior ``N(0, gamma I)``;
+        ``None``: the method's own (0.005).
     """
 
     epochs: int = 10
@@ -94,6 +98,8 @@ class TrainConfig:
     laplace_samples: int = 8
     laplace_damping: float = 1.0
     laplace_center: str = "batch"
+    rep_power: float | None = None
+    rep_prior_variance: float | None = None
 
     def __post_init__(self):
         if self.lr is None:
@@ -129,6 +135,12 @@ class TrainConfig:
         for name in ("momentum", "probe_l2", "laplace_damping"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig: {name} must be >= 0; got {getattr(self, name)}.")
+        if self.rep_power is not None and not self.rep_power >= 0:
+            raise ValueError(f"TrainConfig: rep_power must be >= 0; got {self.rep_power}.")
+        if self.rep_prior_variance is not None and not self.rep_prior_variance > 0:
+            raise ValueError(
+                f"TrainConfig: rep_prior_variance must be > 0; got {self.rep_prior_variance}."
+            )
 
     def model_config(self) -> models.ModelConfig:
         """The model part: :class:`experiments.models.ModelConfig`."""

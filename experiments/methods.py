@@ -115,6 +115,8 @@ class MethodSpec:
       requires: ``bogc_jax`` attributes the method needs; while one is missing the
         method is reported unavailable.
       make: ``Context -> MethodParts``.
+      every_dataset: the reproduce script's main grid runs it on every dataset; False for a
+        method too costly for that (it runs where ``experiments/reproduce.sh`` says).
     """
 
     name: str
@@ -122,6 +124,7 @@ class MethodSpec:
     stop_gradient_heads: bool
     requires: tuple[str, ...]
     make: Callable[[Context], MethodParts]
+    every_dataset: bool = True
 
     def missing(self) -> list[str]:
         """The ``bogc_jax`` names this method needs that are not importable yet."""
@@ -447,6 +450,14 @@ register(
         _mmpareto,
     )
 )
+
+
+# Representation-space methods (their own training step): BOGC at the representation and
+# BayesAgg-MTL. Imported here, after MethodSpec and MethodParts exist, which it uses.
+from experiments import representation_methods
+
+for _spec in representation_methods.SPECS:
+    register(_spec)
 
 
 def available(name: str) -> tuple[bool, str]:

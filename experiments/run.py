@@ -54,6 +54,8 @@ CONFIG_FLAGS = (
     "laplace_samples",
     "laplace_damping",
     "laplace_center",
+    "rep_power",
+    "rep_prior_variance",
 )
 
 
@@ -191,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=config_lib.LAPLACE_CENTERS,
         help="bogc_laplace: the means are the batch gradients (batch, the default) or the "
         "draws' average (draws, the paper's moment matching)",
+    )
+    p.add_argument(
+        "--rep-power",
+        type=float,
+        help="representation methods' variance power p (default: the method's own)",
+    )
+    p.add_argument(
+        "--rep-prior-variance",
+        type=positive_float,
+        help="representation methods' head prior variance (default: the method's own, 0.005)",
     )
     p.add_argument(
         "--validation",

@@ -39,6 +39,17 @@ GRID: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
     ("adam_kappa3", "bogc,bogc_relative", {"kappa": 3.0}),
     ("adam_gamma2", "bogc,bogc_relative", {"gamma": 2.0}),
     ("adam_on_updates", "cggm_on_updates", {}),
+    # Representation-space BOGC: p (rep_power), the heads' prior variance, kappa, gamma;
+    # BayesAgg-MTL (32 draws, diagonal posterior): p.
+    ("adam_rep", "rep_bogc,rep_bogc_precision,bayesagg_mtl_diag_s32", {}),
+    ("adam_rep_p0.3", "rep_bogc", {"rep_power": 0.3}),
+    ("adam_rep_p3", "rep_bogc", {"rep_power": 3.0}),
+    ("adam_rep_prior0.0005", "rep_bogc", {"rep_prior_variance": 0.0005}),
+    ("adam_rep_prior0.05", "rep_bogc", {"rep_prior_variance": 0.05}),
+    ("adam_rep_kappa0.3", "rep_bogc", {"kappa": 0.3}),
+    ("adam_rep_kappa3", "rep_bogc", {"kappa": 3.0}),
+    ("adam_rep_gamma2", "rep_bogc", {"gamma": 2.0}),
+    ("adam_bayesagg_p1", "bayesagg_mtl_diag_s32", {"rep_power": 1.0}),
     ("adam_on_updates_rho2.6", "cggm_on_updates", {"rho": 2.6}),
     ("adam_rho2.6", "cggm", {"rho": 2.6}),
     ("adam_lambda0.5", "cggm", {"cggm_lambda": 0.5}),

@@ -656,7 +656,8 @@ def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
             cfg = run_lib.config_from_args(args, args.dataset)  # a valid configuration
             if args.out == "results" and cfg.optimizer == "adam":
                 main_grid.setdefault(args.dataset, set()).update(names)
-    # The main table covers every registered method on each of the six datasets.
+    # The main table covers every registered method on each of the six datasets (but those
+    # too costly for that, which run where the script says).
     assert set(main_grid) == {
         "utdmhad2",
         "utdmhad3",
@@ -665,7 +666,8 @@ def test_reproduce_script_commands_name_registered_datasets_methods_and_flags():
         "avdigits",
         "cgmnist",
     }
-    assert all(names == set(methods_lib.METHODS) for names in main_grid.values())
+    every = {n for n, spec in methods_lib.METHODS.items() if spec.every_dataset}
+    assert all(every <= names <= set(methods_lib.METHODS) for names in main_grid.values())
     # The parts can be run alone; nothing runs when DRY_RUN is set.
     assert len(_reproduce_commands("sgd")) == 4
     assert _reproduce_commands("nothing") == []
