@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _two_encoders import encoders_and_head
 from hypothesis import given, settings
 
 import bogc_jax as bj
+from tests._two_encoders import encoders_and_head
 
 mp = importlib.import_module("bogc_jax.mmpareto")  # the module (bj.mmpareto is the transform)
 

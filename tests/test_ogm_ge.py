@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _two_encoders import encoders_and_head
 from hypothesis import given, settings
 
 import bogc_jax as bj
+from tests._two_encoders import encoders_and_head
 
 
 def official_ogm_coefficients(score_a, score_v, alpha):
