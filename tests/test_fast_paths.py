@@ -144,8 +144,8 @@ def test_mmpareto_with_means_only_equals_mmpareto_with_full_statistics():
     losses_fn, params, batch = two_branch(7, n=16)
     labels = {"a": 0, "g": 0, "conv": 1, "head": None, "uni_a": None, "uni_v": None}
     tx = bj.mmpareto(labels)
-    full = bj.source_grad_stats(losses_fn, params, batch, method="fast")
-    means = bj.source_grad_means(losses_fn, params, batch)
+    full = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))(params, batch)
+    means = jax.jit(lambda p, b: bj.source_grad_means(losses_fn, p, b))(params, batch)
 
     @jax.jit
     def step(stats):

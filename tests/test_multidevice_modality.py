@@ -11,6 +11,10 @@ import sys
 import numpy as np
 import pytest
 
+# One subprocess serves every test of this module (a module-scoped fixture): keep them on one
+# pytest-xdist worker (the README's test command passes --dist loadgroup), or it runs twice.
+pytestmark = pytest.mark.xdist_group("multidevice_modality")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "modality_worker.py")
 
@@ -18,7 +22,10 @@ WORKER = os.path.join(ROOT, "tests", "workers", "modality_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("modality") / "out.npz"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the worker asks for its own fake devices; other flags pass through
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
+    )
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, WORKER, str(out)],

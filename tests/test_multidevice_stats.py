@@ -14,6 +14,10 @@ import sys
 
 import pytest
 
+# One subprocess serves every test of this module (a module-scoped fixture): keep them on one
+# pytest-xdist worker (the README's test command passes --dist loadgroup), or it runs twice.
+pytestmark = pytest.mark.xdist_group("multidevice_stats")
+
 WORKER = pathlib.Path(__file__).with_name("multidevice_stats_worker.py")
 ROOT = WORKER.parent.parent
 
