@@ -396,16 +396,13 @@ def draws_from_noise(
     mean = posterior.mean
     if form == "diag":
         return mean + z / chol
-    if loss == "mse":
-        # z: [S, K, D]; solve L^T u = z for every row.
-        flat = z.reshape(-1, z.shape[-1]).T
-        u = linalg.solve_triangular(chol, flat, lower=True, trans="T")
-        return mean + u.T.reshape(z.shape)
     if loss == "sigmoid":
         solve = lambda c, b: linalg.solve_triangular(c, b, lower=True, trans="T")
         u = jax.vmap(solve)(chol, jnp.moveaxis(z, 0, -1))  # [K, D, S]
         return mean + jnp.moveaxis(u, -1, 0)
-    flat = z.reshape(z.shape[0], -1).T
+    # One factor for every vector it covers: each draw's [K D] ("softmax"), each row [D] of
+    # every draw ("mse"); solve L^T u = z for all of them at once.
+    flat = z.reshape(-1, chol.shape[-1]).T
     u = linalg.solve_triangular(chol, flat, lower=True, trans="T")
     return mean + u.T.reshape(z.shape)
 

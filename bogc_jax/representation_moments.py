@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bogc_jax import _moments
 from bogc_jax import head_posterior as hp
 
 Array = jax.Array
@@ -99,14 +100,8 @@ def input_gradients(
 
 
 def _merge(a, b):
-    """Chan's pairwise merge of (count, mean, m2) triples."""
-    n_a, mean_a, m2_a = a
-    n_b, mean_b, m2_b = b
-    n = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = m2_a + m2_b + jnp.square(delta) * (n_a * n_b / n)
-    return n, mean, m2
+    """Chan's pairwise merge of ``(count, mean, m2)`` triples (:func:`_moments.merge_leaf`)."""
+    return (a[0] + b[0], *_moments.merge_leaf(*a, *b))
 
 
 def _sum_over_draws(x: Array) -> Array:
@@ -214,6 +209,15 @@ def monte_carlo_moments(
     return GradMoments(mean, m2 / count)
 
 
+def _per_output_slots(mean: Array, var: Array, split_outputs: bool) -> GradMoments:
+    """``[B, K, d]`` moments of independent outputs: one slot each, or summed into one."""
+    if not split_outputs:
+        return GradMoments(
+            jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True)
+        )
+    return GradMoments(mean, var)
+
+
 def mse_moments(
     posterior: hp.HeadPosterior,
     h: Array,
@@ -275,12 +279,7 @@ def mse_moments(
         + 2 * m * mu[None] * c
         + jnp.square(c)
     )
-    var = jnp.maximum(var, 0.0)
-    if not split_outputs:
-        return GradMoments(
-            jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True)
-        )
-    return GradMoments(mean, var)
+    return _per_output_slots(mean, jnp.maximum(var, 0.0), split_outputs)
 
 
 def linearized_moments(
@@ -359,9 +358,4 @@ def linearized_moments(
     var = jnp.square(a) * s2[:, :, None] + s2w[None] * (
         jnp.square(r)[:, :, None] + 2 * h[:, None, :] * r[:, :, None] * a
     )
-    var = jnp.maximum(var, 0.0)
-    if not split_outputs:
-        return GradMoments(
-            jnp.sum(mean, axis=1, keepdims=True), jnp.sum(var, axis=1, keepdims=True)
-        )
-    return GradMoments(mean, var)
+    return _per_output_slots(mean, jnp.maximum(var, 0.0), split_outputs)

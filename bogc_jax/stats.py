@@ -217,22 +217,22 @@ def check_chunk_size(owner: str, chunk_size, batch: PyTree, n: int) -> int | Non
     return chunk_size
 
 
-def _nnx_module_parts(params):
-    """``(graphdef, param_state, rest)`` when ``params`` is a Flax NNX module, else None."""
+def _unwrap_module(losses_fn: LossesFn, params) -> tuple[LossesFn, PyTree]:
+    """``(losses_fn, params)``, a Flax NNX module replaced by its ``nnx.Param`` state.
+
+    For a module, ``params`` becomes its ``nnx.Param`` state and ``losses_fn`` takes that
+    state, rebuilding the module from its parts (``nnx.merge``) before the call; any other
+    pytree is returned as it is.
+    """
     nnx = sys.modules.get("flax.nnx")
     if nnx is None or not isinstance(params, nnx.Module):
-        return None
-    return nnx.split(params, nnx.Param, ...)
+        return losses_fn, params
+    graphdef, param_state, rest = nnx.split(params, nnx.Param, ...)
 
+    def state_losses_fn(state, batch):
+        return losses_fn(nnx.merge(graphdef, state, rest), batch)
 
-def _module_losses_fn(losses_fn, graphdef, rest) -> LossesFn:
-    """``(param_state, batch) -> losses_fn(module, batch)``, the module rebuilt from its parts."""
-    nnx = sys.modules["flax.nnx"]
-
-    def state_losses_fn(param_state, batch):
-        return losses_fn(nnx.merge(graphdef, param_state, rest), batch)
-
-    return state_losses_fn
+    return state_losses_fn, param_state
 
 
 def source_grad_stats(
@@ -296,10 +296,7 @@ def source_grad_stats(
     """
     owner = "source_grad_stats"
     validation.check_choice(owner, "method", method, _METHODS)
-    module = _nnx_module_parts(params)
-    if module is not None:
-        graphdef, params, rest = module
-        losses_fn = _module_losses_fn(losses_fn, graphdef, rest)
+    losses_fn, params = _unwrap_module(losses_fn, params)
     check_params(owner, params)
     n = _per_example.batch_size_of(batch)
     validation.check_num_examples(owner, n, axis_name)
@@ -354,10 +351,7 @@ def source_grad_means(losses_fn: LossesFn, params: PyTree, batch: PyTree) -> Gra
       (True, True)
     """
     owner = "source_grad_means"
-    module = _nnx_module_parts(params)
-    if module is not None:
-        graphdef, params, rest = module
-        losses_fn = _module_losses_fn(losses_fn, graphdef, rest)
+    losses_fn, params = _unwrap_module(losses_fn, params)
     check_params(owner, params)
     n = _per_example.batch_size_of(batch)
     try:

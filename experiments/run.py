@@ -21,7 +21,8 @@ import argparse
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from experiments import config as config_lib
 from experiments import data as data_lib
@@ -59,37 +60,31 @@ CONFIG_FLAGS = (
 )
 
 
+def _checked_number(text: str, convert: Callable[[str], Any], ok: Callable, expected: str):
+    """``convert(text)`` if it parses and ``ok`` holds, else an argparse error naming
+    ``expected``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer ``>= 1``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
+    return _checked_number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_float(text: str) -> float:
     """An argparse type: a float ``> 0``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
-    return value
+    return _checked_number(text, float, lambda v: v > 0, "a positive number")
 
 
 def fraction(text: str) -> float:
     """An argparse type: a float strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1); got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1); got {value}")
-    return value
+    return _checked_number(text, float, lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)")
 
 
 def parse_seeds(text: str) -> list[int]:

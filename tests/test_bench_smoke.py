@@ -3,10 +3,11 @@ JSON (device, library commit, statistics, steps, compile times, memory) and its 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests._processes import cpu_env, run_captured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
@@ -14,22 +15,9 @@ STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
 
 def test_gpu_suite_quick_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench.py"),
-            "--suite",
-            "gpu",
-            "--quick",
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    bench_py = os.path.join(ROOT, "benchmarks", "bench.py")
+    proc = run_captured(
+        [sys.executable, bench_py, "--suite", "gpu", "--quick", "--out", out], env=cpu_env()
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Training step / joint step" in proc.stdout and "Compile time" in proc.stdout

@@ -90,6 +90,23 @@ def random_stats(
     return bj.GradStats(jnp.asarray(COUNT, jnp.float32), mean, var)
 
 
+def given_stats(min_sources=1, **strategies):
+    """``hypothesis.given`` a seed, a tree of TREES, ``min_sources..4`` sources and more."""
+    return hypothesis.given(
+        seed=seeds,
+        tree=st.sampled_from(sorted(TREES)),
+        num_sources=st.integers(min_sources, 4),
+        **strategies,
+    )
+
+
+def drawn_stats(seed, tree, num_sources, **options):
+    """``(rng, template, stats)``: :func:`random_stats` of ``TREES[tree]`` from ``seed``."""
+    rng = np.random.default_rng(seed)
+    template = TREES[tree]
+    return rng, template, random_stats(rng, template, num_sources, **options)
+
+
 def run(stats, template, aggregation, *, grads=None, jit=True, mask=None, **hyper):
     num_sources = stats.num_sources
     tx = bj.bogc(num_sources, aggregation=aggregation, mask=mask, **hyper)
@@ -225,19 +242,14 @@ def reference_leaf(mean, var, count, aggregation, kappa=1.0, gamma=1.0, prior_we
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
+@given_stats(
     kappa=st.floats(0.0, 4.0),
     gamma=st.floats(0.0, 2.0),
     prior_weight=st.floats(0.2, 4.0),
     eps=st.floats(1e-4, 0.5),
 )
 def test_matches_reference(aggregation, seed, tree, num_sources, kappa, gamma, prior_weight, eps):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources)
+    _, template, stats = drawn_stats(seed, tree, num_sources)
     # The transform receives float32 hyper-parameters (a kappa of 1e-228 is 0 there).
     hyper = dict(kappa=kappa, gamma=gamma, prior_weight=prior_weight, eps=eps)
     hyper = {k: float(np.float32(v)) for k, v in hyper.items()}
@@ -264,19 +276,11 @@ def test_matches_reference(aggregation, seed, tree, num_sources, kappa, gamma, p
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
-    kappa=st.floats(0.0, 4.0),
-    gamma=st.floats(0.0, 3.0),
-)
+@given_stats(kappa=st.floats(0.0, 4.0), gamma=st.floats(0.0, 3.0))
 def test_property1_symmetric_evidence_gives_the_fixed_weight_sum(
     aggregation, seed, tree, num_sources, kappa, gamma
 ):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources, symmetric=True)
+    _, template, stats = drawn_stats(seed, tree, num_sources, symmetric=True)
     fixed = stats.fixed_weight_grads()
     out, state = calibrate(stats, template, aggregation, kappa=kappa, gamma=gamma)
     assert_tree_close(out, fixed, abs_sum(stats))
@@ -293,18 +297,11 @@ def test_property1_symmetric_evidence_gives_the_fixed_weight_sum(
 @pytest.mark.parametrize("aggregation", ["dempster", "dimension_frame"])
 @pytest.mark.parametrize("zero", ["kappa", "gamma"])
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
-    other=st.floats(0.1, 4.0),
-)
+@given_stats(other=st.floats(0.1, 4.0))
 def test_property1_no_evidence_gives_the_fixed_weight_sum(
     aggregation, zero, seed, tree, num_sources, other
 ):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources)  # asymmetric variances
+    _, template, stats = drawn_stats(seed, tree, num_sources)  # asymmetric variances
     hyper = {"kappa": 0.0, "gamma": other} if zero == "kappa" else {"kappa": other, "gamma": 0.0}
     out, _ = calibrate(stats, template, aggregation, **hyper)
     assert_tree_close(out, stats.fixed_weight_grads(), abs_sum(stats))
@@ -335,18 +332,11 @@ def test_property1_is_not_vacuous(aggregation):
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
-    gamma=st.floats(0.0, 3.0),
-)
+@given_stats(gamma=st.floats(0.0, 3.0))
 def test_property2_single_source_coordinates_pass_through(
     aggregation, seed, tree, num_sources, gamma
 ):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources, untouched=0.6)
+    _, template, stats = drawn_stats(seed, tree, num_sources, untouched=0.6)
     out, _ = calibrate(stats, template, aggregation, gamma=gamma)
     counts = touched_count(stats)
     checked = 0
@@ -361,16 +351,9 @@ def test_property2_single_source_coordinates_pass_through(
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(2, 4),
-    gamma=st.floats(0.0, 3.0),
-)
+@given_stats(min_sources=2, gamma=st.floats(0.0, 3.0))
 def test_property3_permuting_sources_changes_nothing(aggregation, seed, tree, num_sources, gamma):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources)
+    rng, template, stats = drawn_stats(seed, tree, num_sources)
     perm = rng.permutation(num_sources)
     permuted = bj.GradStats(
         stats.count,
@@ -388,18 +371,11 @@ def test_property3_permuting_sources_changes_nothing(aggregation, seed, tree, nu
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
-    log_c=st.floats(-3.0, 3.0),
-)
+@given_stats(log_c=st.floats(-3.0, 3.0))
 def test_property4_scaling_means_by_c_and_variances_by_c2_scales_output(
     aggregation, seed, tree, num_sources, log_c
 ):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources)
+    _, template, stats = drawn_stats(seed, tree, num_sources)
     c = 10.0**log_c
     scaled = bj.GradStats(
         stats.count,
@@ -457,9 +433,7 @@ def per_coordinate_weights(stats, template, aggregation, source, **hyper):
 
 
 def _check_monotone(aggregation, seed, tree, num_sources, hyper):
-    rng = np.random.default_rng(seed)
-    template = TREES[tree]
-    stats = random_stats(rng, template, num_sources, all_touched_var=True)
+    rng, template, stats = drawn_stats(seed, tree, num_sources, all_touched_var=True)
     leaves_v, treedef = jax.tree.flatten(stats.var)
     for _ in range(2):  # a few random (source, leaf, coordinate) triples per draw
         source = int(rng.integers(num_sources))
@@ -485,10 +459,8 @@ def _check_monotone(aggregation, seed, tree, num_sources, hyper):
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(2, 4),
+@given_stats(
+    min_sources=2,
     kappa=st.floats(0.0, 5.0),
     gamma=st.floats(0.0, 1.0),
     prior_weight=st.floats(0.1, 4.0),
@@ -503,12 +475,7 @@ def test_property5_weight_never_rises_with_own_variance(
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(2, 4),
-    gamma=st.floats(1.0, 4.0),
-)
+@given_stats(min_sources=2, gamma=st.floats(1.0, 4.0))
 def test_property5_sharp_evidence(aggregation, seed, tree, num_sources, gamma):
     _check_monotone(aggregation, seed, tree, num_sources, dict(gamma=gamma))
 
@@ -717,69 +684,58 @@ def _setup(num_sources=2):
     return template, stats, params
 
 
-def test_error_missing_grad_stats():
-    _, stats, params = _setup()
-    tx = bj.bogc(2)
-    with pytest.raises(ValueError, match="grad_stats"):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params)
-
-
-def test_error_wrong_type():
-    _, stats, params = _setup()
-    tx = bj.bogc(2)
-    with pytest.raises(TypeError, match="grad_stats must be a bogc_jax.GradStats"):
-        tx.update(
-            stats.fixed_weight_grads(),
-            tx.init(params),
-            params,
-            grad_stats=(stats.count, stats.mean, stats.var),
-        )
-
-
-def test_error_wrong_structure():
-    _, stats, params = _setup()
-    tx = bj.bogc(2)
-    bad = bj.GradStats(
+def _extra_leaf(stats):
+    return bj.GradStats(
         stats.count,
         {**stats.mean, "extra": stats.mean["a"]},
         {**stats.var, "extra": stats.var["a"]},
     )
-    with pytest.raises(ValueError, match="grad_stats.mean/var .*structure"):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params, grad_stats=bad)
 
 
-def test_error_wrong_shape_names_the_leaf():
+_NO_STATS = object()
+
+
+@pytest.mark.parametrize(
+    "bogc_args, bad_stats, error, match",
+    [
+        pytest.param({}, lambda s: _NO_STATS, ValueError, "grad_stats", id="missing_grad_stats"),
+        pytest.param(
+            {},
+            lambda s: (s.count, s.mean, s.var),
+            TypeError,
+            "grad_stats must be a bogc_jax.GradStats",
+            id="wrong_type",
+        ),
+        pytest.param(
+            {}, _extra_leaf, ValueError, "grad_stats.mean/var .*structure", id="wrong_structure"
+        ),
+        pytest.param(
+            {},
+            lambda s: bj.GradStats(s.count, {**s.mean, "b": s.mean["b"][:, :1]}, s.var),
+            ValueError,
+            r"grad_stats.mean\['b'\] has shape \(2, 1, 3\); expected \(2, 2, 3\)",
+            id="wrong_shape_names_the_leaf",
+        ),
+        pytest.param(
+            {"num_sources": 3}, lambda s: s, ValueError, "num_sources=3", id="wrong_num_sources"
+        ),
+        pytest.param(
+            {"mask": {"a": True, "b": True, "c": True}},
+            lambda s: bj.GradStats(s.count, {**s.mean, "c": None}, {**s.var, "c": None}),
+            ValueError,
+            r"grad_stats.mean\['c'\] is None",
+            id="none_stats_on_a_masked_leaf",
+        ),
+        pytest.param({"mask": {"a": True}}, lambda s: s, ValueError, "mask", id="mask_structure"),
+    ],
+)
+def test_error_in_update(bogc_args, bad_stats, error, match):
     _, stats, params = _setup()
-    tx = bj.bogc(2)
-    bad = bj.GradStats(stats.count, {**stats.mean, "b": stats.mean["b"][:, :1]}, stats.var)
-    with pytest.raises(
-        ValueError,
-        match=r"grad_stats.mean\['b'\] has shape \(2, 1, 3\); "
-        r"expected \(2, 2, 3\)",
-    ):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params, grad_stats=bad)
-
-
-def test_error_wrong_num_sources():
-    _, stats, params = _setup(num_sources=2)
-    tx = bj.bogc(3)
-    with pytest.raises(ValueError, match="num_sources=3"):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params, grad_stats=stats)
-
-
-def test_error_none_stats_on_a_masked_leaf():
-    _, stats, params = _setup()
-    tx = bj.bogc(2, mask={"a": True, "b": True, "c": True})
-    bad = bj.GradStats(stats.count, {**stats.mean, "c": None}, {**stats.var, "c": None})
-    with pytest.raises(ValueError, match=r"grad_stats.mean\['c'\] is None"):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params, grad_stats=bad)
-
-
-def test_error_mask_structure():
-    _, stats, params = _setup()
-    tx = bj.bogc(2, mask={"a": True})
-    with pytest.raises(ValueError, match="mask"):
-        tx.update(stats.fixed_weight_grads(), tx.init(params), params, grad_stats=stats)
+    tx = bj.bogc(**{"num_sources": 2, **bogc_args})
+    grad_stats = bad_stats(stats)
+    extra = {} if grad_stats is _NO_STATS else {"grad_stats": grad_stats}
+    with pytest.raises(error, match=match):
+        tx.update(stats.fixed_weight_grads(), tx.init(params), params, **extra)
 
 
 @pytest.mark.parametrize(
@@ -842,18 +798,9 @@ def relative_reference(mean, var, aggregation, **hyper):
 
 @pytest.mark.parametrize("aggregation", CALIBRATING)
 @SETTINGS
-@hypothesis.given(
-    seed=seeds,
-    tree=st.sampled_from(sorted(TREES)),
-    num_sources=st.integers(1, 4),
-    kappa=st.floats(0.0, 4.0),
-    gamma=st.floats(0.0, 2.0),
-    eps=st.floats(1e-4, 0.5),
-)
+@given_stats(kappa=st.floats(0.0, 4.0), gamma=st.floats(0.0, 2.0), eps=st.floats(1e-4, 0.5))
 def test_relative_noise_matches_reference(aggregation, seed, tree, num_sources, kappa, gamma, eps):
-    stats = random_stats(
-        np.random.default_rng(seed), TREES[tree], num_sources, all_touched_var=True
-    )
+    _, _, stats = drawn_stats(seed, tree, num_sources, all_touched_var=True)
     hyper = dict(kappa=kappa, gamma=gamma, eps=eps)
     tx = bj.bogc(num_sources, aggregation=aggregation, noise="relative", **hyper)
     params = jax.tree.map(lambda m: jnp.zeros(m.shape[1:]), stats.mean)

@@ -19,7 +19,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import chex
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests._processes import cpu_env, run_captured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "determinism_worker.py")
@@ -79,15 +80,7 @@ def test_two_runs_are_bit_identical_and_compile_once(name):
 
 def test_a_fresh_process_gives_the_same_bits(tmp_path):
     out = tmp_path / "digests.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, WORKER, str(out), *CROSS_PROCESS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_captured([sys.executable, WORKER, out, *CROSS_PROCESS], env=cpu_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(out.read_text())
     ours = {name: dw.digest(jitted_run(name)) for name in CROSS_PROCESS}

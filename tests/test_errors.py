@@ -58,6 +58,12 @@ def losses_fn(p, x):
 BATCH = jnp.ones((4, 2))
 
 
+def head_laplace(batch=BATCH, **kwargs):
+    """laplace_grad_stats on the head only."""
+    mask = {"enc0": False, "enc1": False, "head": True}
+    return bj.laplace_grad_stats(losses_fn, PARAMS, batch, jax.random.key(0), mask=mask, **kwargs)
+
+
 class Case(NamedTuple):
     name: str
     call: Callable[[], Any]
@@ -289,26 +295,13 @@ CASES = [
     ),
     Case(
         "laplace_batch_of_one",
-        lambda: bj.laplace_grad_stats(
-            losses_fn,
-            PARAMS,
-            BATCH[:1],
-            jax.random.key(0),
-            mask={"enc0": False, "enc1": False, "head": True},
-        ),
+        lambda: head_laplace(batch=BATCH[:1]),
         ValueError,
         r"laplace_grad_stats: batch has 1 example",
     ),
     Case(
         "laplace_num_samples_one",
-        lambda: bj.laplace_grad_stats(
-            losses_fn,
-            PARAMS,
-            BATCH,
-            jax.random.key(0),
-            mask={"enc0": False, "enc1": False, "head": True},
-            num_samples=1,
-        ),
+        lambda: head_laplace(num_samples=1),
         ValueError,
         r"laplace_grad_stats: num_samples must be an int >= 2; got 1",
     ),
@@ -480,14 +473,7 @@ CASES = [
     ),
     Case(
         "laplace_zero_damping",
-        lambda: bj.laplace_grad_stats(
-            losses_fn,
-            PARAMS,
-            BATCH,
-            jax.random.key(0),
-            mask={"enc0": False, "enc1": False, "head": True},
-            damping=0.0,
-        ),
+        lambda: head_laplace(damping=0.0),
         ValueError,
         r"laplace_grad_stats: damping must be > 0; got 0.0",
     ),

@@ -24,6 +24,7 @@ from experiments import methods as methods_lib
 from experiments import models, report
 from experiments import run as run_lib
 from experiments import train as train_lib
+from tests._toy_dataset import toy_dataset
 
 DATA_DIR = data_lib.resolve_data_dir()
 
@@ -235,23 +236,6 @@ def test_pypi_datasets():
 # --------------------------------------------------------------------------- models
 
 
-def _toy_dataset(num_train=24, num_test=24, seed=0) -> data_lib.Dataset:
-    """Two modalities (a series and a vector) whose classes differ in their mean."""
-    rng = np.random.default_rng(seed)
-
-    def make(n):
-        y = rng.integers(0, 3, n).astype(np.int32)
-        series = rng.normal(size=(n, 12, 2)).astype(np.float32) + y[:, None, None]
-        vector = rng.normal(size=(n, 5)).astype(np.float32) + 0.3 * y[:, None]
-        return (series, vector), y
-
-    x_tr, y_tr = make(num_train)
-    x_te, y_te = make(num_test)
-    return data_lib.Dataset(
-        "toy", ("a", "b"), ("series", "vector"), x_tr, y_tr, x_te, y_te, num_classes=3
-    )
-
-
 @pytest.mark.parametrize(
     "encoder,fusion", [("auto", "concat"), ("mlp", "sum"), ("transformer", "gated")]
 )
@@ -277,7 +261,7 @@ def test_model_shapes_and_branches_sum_to_fused(encoder, fusion):
 
 
 def test_losses_are_per_example_and_heads_can_stop_gradients():
-    d = _toy_dataset()
+    d = toy_dataset()
     cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, channels=(4, 8))
     fn, params = train_lib.make_model(d, cfg, 0)
     xs = [jnp.asarray(x[:6]) for x in d.x_train]
@@ -302,7 +286,7 @@ def test_losses_are_per_example_and_heads_can_stop_gradients():
 
 
 def test_encoder_labels_and_ridge_probe():
-    d = _toy_dataset()
+    d = toy_dataset()
     _, params = train_lib.make_model(d, config_lib.TrainConfig(), 0)
     labels = methods_lib.encoder_labels(params)
     assert set(jax.tree.leaves(labels["encoders"])) == {0, 1}
@@ -315,7 +299,7 @@ def test_encoder_labels_and_ridge_probe():
 
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
 def test_validation_split_holds_out_part_of_train_by_class(fraction):
-    d = _toy_dataset(num_train=60, seed=3)
+    d = toy_dataset(num_train=60, seed=3)
     v = d.validation_split(fraction, seed=5)
     rows = lambda xs: {
         tuple(np.round(np.concatenate([x.reshape(len(x), -1)[i] for x in xs]), 6))
@@ -334,19 +318,9 @@ def test_validation_split_holds_out_part_of_train_by_class(fraction):
 
 
 def test_validation_split_holds_out_whole_groups():
-    d = _toy_dataset(num_train=60, seed=4)
+    d = toy_dataset(num_train=60, seed=4)
     groups = np.repeat(np.arange(6), 10).astype(np.int32)
-    d = data_lib.Dataset(
-        d.name,
-        d.modalities,
-        d.kinds,
-        d.x_train,
-        d.y_train,
-        d.x_test,
-        d.y_test,
-        d.num_classes,
-        groups_train=groups,
-    )
+    d = dataclasses.replace(d, groups_train=groups)
     for fraction, count in ((0.1, 1), (0.25, 2), (0.5, 3), (0.99, 5)):
         v = d.validation_split(fraction, seed=1)
         held = sorted(int(g) for g in set(np.unique(groups)) - set(np.unique(v.groups_train)))
@@ -364,17 +338,7 @@ def test_validation_split_holds_out_whole_groups():
     # The kept groups are those of the kept examples.
     first = np.asarray([np.flatnonzero((d.x_train[1] == row).all(1))[0] for row in sub.x_train[1]])
     assert np.array_equal(groups[first], sub.groups_train)
-    one = data_lib.Dataset(
-        d.name,
-        d.modalities,
-        d.kinds,
-        d.x_train,
-        d.y_train,
-        d.x_test,
-        d.y_test,
-        d.num_classes,
-        groups_train=np.zeros(60, np.int32),
-    )
+    one = dataclasses.replace(d, groups_train=np.zeros(60, np.int32))
     with pytest.raises(ValueError, match="at least 2 training groups"):
         one.validation_split(0.5)
 
@@ -382,7 +346,7 @@ def test_validation_split_holds_out_whole_groups():
 @pytest.mark.parametrize("encoder", ["mlp", "auto", "transformer"])
 def test_encoder_output_mask_marks_each_encoders_last_layer(encoder):
     cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, encoder=encoder)
-    _, params = train_lib.make_model(_toy_dataset(), cfg, 0)
+    _, params = train_lib.make_model(toy_dataset(), cfg, 0)
     mask = models.encoder_output_mask(params)
     chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(mask) if on]
     assert len(chosen) == 4  # kernel and bias of two encoders
@@ -463,7 +427,7 @@ def test_tune_runs_the_grid_on_a_validation_split(tmp_path, monkeypatch):
         data_lib.DATASETS,
         "toy",
         data_lib.DatasetSpec(
-            lambda data_dir, seed=0, use_cache=True: _toy_dataset(num_train=40, seed=seed),
+            lambda data_dir, seed=0, use_cache=True: toy_dataset(num_train=40, seed=seed),
             {},
             "toy",
             False,
@@ -525,7 +489,7 @@ def test_every_available_method_trains_end_to_end(name):
     cfg = config_lib.TrainConfig(
         epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
     )
-    record = train_lib.Trainer(_toy_dataset(), name, cfg).train(seed=1)
+    record = train_lib.Trainer(toy_dataset(), name, cfg).train(seed=1)
     assert 0.0 <= record["fused_acc"] <= 1.0
     for key in ("branch_acc", "probe_acc", "missing_acc", "head_acc"):
         assert len(record[key]) == 2 and all(0 <= v <= 1 for v in record[key]), key
@@ -539,7 +503,7 @@ def test_cli_writes_records_table_and_plot(tmp_path, monkeypatch, capsys):
         data_lib.DATASETS,
         "toy",
         data_lib.DatasetSpec(
-            lambda data_dir, seed=0, use_cache=True: _toy_dataset(seed=seed), {}, "toy", False
+            lambda data_dir, seed=0, use_cache=True: toy_dataset(seed=seed), {}, "toy", False
         ),
     )
     out = tmp_path / "results"
@@ -819,7 +783,7 @@ def toy_cli(monkeypatch):
         data_lib.DATASETS,
         "toy",
         data_lib.DatasetSpec(
-            lambda data_dir, seed=0, use_cache=True: _toy_dataset(seed=seed), {}, "toy", False
+            lambda data_dir, seed=0, use_cache=True: toy_dataset(seed=seed), {}, "toy", False
         ),
     )
 
@@ -874,7 +838,7 @@ def test_cli_parses_every_seed_form():
 def test_statistics_methods_take_the_gradient_from_the_statistics():
     """The step with ``grad_stats.fixed_weight_grads()`` equals the step with a second
     backward pass, to float rounding; the statistics methods take that path."""
-    d = _toy_dataset()
+    d = toy_dataset()
     cfg = config_lib.TrainConfig(
         epochs=1, batch_size=8, feature_dim=8, hidden=8, encoder="mlp", stats_method="vmap"
     )
@@ -931,7 +895,7 @@ def test_a_method_can_bring_its_own_training_step(monkeypatch):
         "representation_sum", "own step: one encoder VJP", False, (), _representation_step
     )
     monkeypatch.setitem(methods_lib.METHODS, spec.name, spec)
-    d = _toy_dataset()
+    d = toy_dataset()
     cfg = config_lib.TrainConfig(epochs=2, batch_size=8, feature_dim=8, hidden=8, encoder="mlp")
     own = train_lib.Trainer(d, spec.name, cfg)
     reference = train_lib.Trainer(d, "joint_uni", cfg)
@@ -988,7 +952,7 @@ def test_correlation_curves_table_and_plot(tmp_path):
 
 
 def test_evaluation_over_several_chunks_matches_one_pass():
-    d = _toy_dataset(num_train=2100, num_test=8, seed=5)  # more than one 2048-example chunk
+    d = toy_dataset(num_train=2100, num_test=8, seed=5)  # more than one 2048-example chunk
     cfg = config_lib.TrainConfig(feature_dim=8, hidden=8, encoder="mlp")
     trainer = train_lib.Trainer(d, "joint", cfg)
     _, params = train_lib.make_model(d, cfg, 1)

@@ -9,29 +9,12 @@ import numpy as np
 import pytest
 
 from experiments import config as config_lib
-from experiments import data as data_lib
 from experiments import methods as methods_lib
 from experiments import representation_methods as rep_lib
 from experiments import train as train_lib
+from tests._toy_dataset import toy_dataset
 
 REP_METHODS = [spec.name for spec in rep_lib.SPECS]
-
-
-def _toy_dataset(num_train=24, num_test=16, seed=0) -> data_lib.Dataset:
-    """A series and a vector modality whose class means differ; 3 classes."""
-    rng = np.random.default_rng(seed)
-
-    def make(n):
-        y = rng.integers(0, 3, n).astype(np.int32)
-        series = rng.normal(size=(n, 12, 2)).astype(np.float32) + y[:, None, None]
-        vector = rng.normal(size=(n, 5)).astype(np.float32) + 0.3 * y[:, None]
-        return (series, vector), y
-
-    x_tr, y_tr = make(num_train)
-    x_te, y_te = make(num_test)
-    return data_lib.Dataset(
-        "toy", ("a", "b"), ("series", "vector"), x_tr, y_tr, x_te, y_te, num_classes=3
-    )
 
 
 def _config(**overrides) -> config_lib.TrainConfig:
@@ -41,7 +24,7 @@ def _config(**overrides) -> config_lib.TrainConfig:
 
 def _one_step(method: str, cfg: config_lib.TrainConfig, seed: int):
     """``(params before, params after, losses)`` of one jitted training step."""
-    d = _toy_dataset(seed=seed)
+    d = toy_dataset(num_test=16, seed=seed)
     trainer = train_lib.Trainer(d, method, cfg)
     _, params = train_lib.make_model(d, cfg, seed)
     state = trainer.init_state(params, seed)
@@ -107,7 +90,7 @@ def test_calibration_changes_the_encoders_only():
 # 3-class head over 12 features). tests/test_experiments.py trains every registered method.
 @pytest.mark.parametrize("method", ["rep_bogc", "bayesagg_mtl"])
 def test_one_epoch_gives_a_record(method):
-    d = _toy_dataset()
+    d = toy_dataset(num_test=16)
     record = train_lib.run_experiment(d, [method], [0], _config())[0]
     assert record["method"] == method and 0 <= record["fused_acc"] <= 1
     assert np.all(np.isfinite(record["curves"]["loss"])) and len(record["probe_acc"]) == 2
@@ -116,7 +99,7 @@ def test_one_epoch_gives_a_record(method):
 
 def test_gated_fusion_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="fusion='gated'"):
-        train_lib.Trainer(_toy_dataset(), "rep_bogc", _config(fusion="gated"))
+        train_lib.Trainer(toy_dataset(num_test=16), "rep_bogc", _config(fusion="gated"))
 
 
 def test_config_checks_the_representation_options():

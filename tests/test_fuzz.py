@@ -232,29 +232,36 @@ def random_stats(rng, template, num_sources, log_scale, identical):
     )
 
 
+def stats_grads_params(rng, template, num_sources, log_scale=0.0, identical=False):
+    """``(stats, grads, params)``: random statistics, their fixed-weight sum, zero params."""
+    stats = random_stats(rng, template, num_sources, log_scale, identical)
+    grads = stats.fixed_weight_grads()
+    return stats, grads, jax.tree.map(jnp.zeros_like, grads)
+
+
 @functools.cache
-def bogc_update(num_sources, aggregation):
-    tx = bj.bogc(num_sources, aggregation=aggregation)
+def bogc_update(num_sources, aggregation, kappa=1.0, gamma=1.0):
+    tx = bj.bogc(num_sources, aggregation=aggregation, kappa=kappa, gamma=gamma)
     return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
 
 
-@SETTINGS
-@hypothesis.given(
+# A bogc problem: a template, 1..4 sources, an aggregation and the scale of the statistics.
+BOGC_PROBLEMS = dict(
     template_index=st.integers(0, len(TEMPLATES) - 1),
     num_sources=st.integers(1, 4),
     aggregation=st.sampled_from(AGGREGATIONS),
     log_scale=st.floats(-8, 8),
-    identical=st.booleans(),
-    seed=seeds,
 )
+
+
+@SETTINGS
+@hypothesis.given(**BOGC_PROBLEMS, identical=st.booleans(), seed=seeds)
 def test_bogc_is_finite_and_keeps_the_invariants(
     template_index, num_sources, aggregation, log_scale, identical, seed
 ):
     rng = np.random.default_rng(seed)
     template = TEMPLATES[template_index]
-    stats = random_stats(rng, template, num_sources, log_scale, identical)
-    grads = stats.fixed_weight_grads()
-    params = jax.tree.map(jnp.zeros_like, grads)
+    stats, grads, params = stats_grads_params(rng, template, num_sources, log_scale, identical)
     tx, update = bogc_update(num_sources, aggregation)
     out, state = update(grads, tx.init(params), params, grad_stats=stats)
     assert finite((out, state)) and bool(state.finite)
@@ -314,9 +321,7 @@ def test_bogc_is_finite_and_keeps_the_invariants(
 def test_bogc_nonfinite_inputs_never_reach_the_state(num_sources, aggregation, where, value, seed):
     rng = np.random.default_rng(seed)
     template = TEMPLATES[1]
-    stats = random_stats(rng, template, num_sources, 0.0, False)
-    grads = stats.fixed_weight_grads()
-    params = jax.tree.map(jnp.zeros_like, grads)
+    stats, grads, params = stats_grads_params(rng, template, num_sources)
     tx, update = bogc_update(num_sources, aggregation)
     _, state = update(grads, tx.init(params), params, grad_stats=stats)
     bad_leaf = lambda x: x.at[(0,) * x.ndim].set(value)
@@ -481,29 +486,15 @@ def test_documented_errors_only():
 # ------------------------------------------- correction, overflow, domains (fuzzed)
 
 
-@functools.cache
-def bogc_update_with(num_sources, aggregation, kappa, gamma):
-    tx = bj.bogc(num_sources, aggregation=aggregation, kappa=kappa, gamma=gamma)
-    return tx, jax.jit(tx.update, compiler_options=FAST_COMPILE)
-
-
 @SETTINGS
-@hypothesis.given(
-    template_index=st.integers(0, len(TEMPLATES) - 1),
-    num_sources=st.integers(1, 4),
-    aggregation=st.sampled_from(AGGREGATIONS),
-    log_scale=st.floats(-8, 8),
-    seed=seeds,
-)
+@hypothesis.given(**BOGC_PROBLEMS, seed=seeds)
 def test_bogc_corrects_any_incoming_gradient(
     template_index, num_sources, aggregation, log_scale, seed
 ):
     """out(g + r) = out(g) + r; without evidence (kappa = 0) out(x) = x for any x."""
     rng = np.random.default_rng(seed)
     template = TEMPLATES[template_index]
-    stats = random_stats(rng, template, num_sources, log_scale, False)
-    grads = stats.fixed_weight_grads()
-    params = jax.tree.map(jnp.zeros_like, grads)
+    stats, grads, params = stats_grads_params(rng, template, num_sources, log_scale)
     extra = jax.tree.map(
         lambda g: jnp.asarray(rng.normal(size=g.shape) * 10.0**log_scale, jnp.float32), grads
     )
@@ -519,7 +510,7 @@ def test_bogc_corrects_any_incoming_gradient(
     ):
         assert np.all(np.abs(np.asarray(a, np.float64) - e) <= 1e-5 * s + 1e-30)
     if aggregation != "precision":  # the precision reading has no evidence (no kappa)
-        tx0, update0 = bogc_update_with(num_sources, aggregation, 0.0, 1.0)
+        tx0, update0 = bogc_update(num_sources, aggregation, 0.0, 1.0)
         identity, state0 = update0(moved, tx0.init(params), params, grad_stats=stats)
         assert bool(state0.finite) and close(identity, moved, 1e-6)
 
@@ -533,10 +524,8 @@ def test_bogc_corrects_any_incoming_gradient(
 )
 def test_bogc_sharp_evidence_never_overflows(num_sources, gamma, aggregation, seed):
     rng = np.random.default_rng(seed)
-    stats = random_stats(rng, TEMPLATES[0], num_sources, 0.0, False)
-    grads = stats.fixed_weight_grads()
-    params = jax.tree.map(jnp.zeros_like, grads)
-    tx, update = bogc_update_with(num_sources, aggregation, 1.0, gamma)
+    stats, grads, params = stats_grads_params(rng, TEMPLATES[0], num_sources)
+    tx, update = bogc_update(num_sources, aggregation, 1.0, gamma)
     out, state = update(grads, tx.init(params), params, grad_stats=stats)
     assert bool(state.finite) and finite((out, state))
     for w in jax.tree.leaves(state.source_weights):
@@ -547,14 +536,12 @@ def test_bogc_sharp_evidence_never_overflows(num_sources, gamma, aggregation, se
 @hypothesis.given(num_sources=st.integers(1, 4), seed=seeds)
 def test_bogc_negative_variance_is_flagged(num_sources, seed):
     rng = np.random.default_rng(seed)
-    stats = random_stats(rng, TEMPLATES[1], num_sources, 0.0, False)
+    stats, grads, params = stats_grads_params(rng, TEMPLATES[1], num_sources)
     leaves, treedef = jax.tree.flatten(stats.var)
     k = int(rng.integers(0, len(leaves)))
     index = tuple(int(rng.integers(0, d)) for d in leaves[k].shape)
     leaves[k] = leaves[k].at[index].set(-float(rng.uniform(1e-6, 1.0)))
     bad = stats._replace(var=jax.tree.unflatten(treedef, leaves))
-    grads = stats.fixed_weight_grads()
-    params = jax.tree.map(jnp.zeros_like, grads)
     tx, update = bogc_update(num_sources, "dempster")
     out, state = update(grads, tx.init(params), params, grad_stats=bad)
     assert not bool(state.finite) and int(state.nonfinite_count) == 1

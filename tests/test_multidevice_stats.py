@@ -9,10 +9,11 @@ imported. It prints one JSON verdict; each check below reads its part of it.
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from tests._processes import cpu_env, run_captured
 
 # One subprocess serves every test of this module (a module-scoped fixture): keep them on one
 # pytest-xdist worker (the README's test command passes --dist loadgroup), or it runs twice.
@@ -42,20 +43,12 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def verdict():
-    env = dict(os.environ)
     flag = "--xla_force_host_platform_device_count=8"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(WORKER)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    env = cpu_env(
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flag).strip(),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
+    proc = run_captured([sys.executable, WORKER], env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"worker printed no verdict (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
     result = json.loads(lines[-1])

@@ -21,6 +21,8 @@ import zipfile
 
 import pytest
 
+from tests._processes import run_captured
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = [
@@ -202,14 +204,6 @@ def test_wheel_installs_into_a_fresh_venv_and_the_readme_diff_runs(wheel, tmp_pa
     }
     for name, code in scripts.items():
         (outside / name).write_text(textwrap.dedent(code))
-        proc = subprocess.run(
-            [python, name, str(venv)],
-            cwd=outside,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
+        proc = run_captured([python, name, venv], cwd=outside, env=env, timeout=240)
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
     assert "import bogc_jax as bj" in after and "bj.bogc(" in after and "bj." not in before
