@@ -142,7 +142,7 @@ def precision(var: Array, mean: Array, touched: Array, eps: float = 1e-3) -> Arr
     unit = _max_over_sources(_magnitude(mean, var, touched))
     unit = jnp.where(unit > 0, unit, 1)
     floor = eps * touched_mean(jnp.square(mean / unit), touched)
-    noise = var / unit / unit + floor
+    noise = jnp.square(jnp.sqrt(var) / unit) + floor  # not var / unit**2: unit**2 may underflow
     mean_noise = touched_mean(noise, touched)
     noise_ratio = noise / jnp.where(mean_noise > 0, mean_noise, 1)
     return jnp.where(touched, 1.0 / jnp.maximum(noise_ratio, 1e-30), 0.0)

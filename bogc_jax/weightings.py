@@ -113,7 +113,12 @@ def dimension_frame(lam, touched, *, kappa=1.0, gamma=1.0, prior_weight=1.0):
         u         = the fused frame mass of dempster_fold(b, u)
 
     (``1 / |T_d|`` where no touching source has belief on ``d``). ``prior_weight`` is not
-    used: the Dirichlet's prior weight is the frame size.
+    used: the Dirichlet's prior weight is the frame size. Sharp evidence makes ``u_s``
+    vanishingly small beside ``b[s]`` (``e**-200`` at ``gamma = 100``), below float32's
+    range, so both parts run in log space: the shares at ``d`` do not change when the pair
+    ``(b[s, d], u_s)`` of one source is scaled, so each pair is scaled to a largest entry
+    of 1 (:func:`_coordinate_shares`), and the fold carries logarithms
+    (:func:`_log_fused_frame_mass`). The weights and ``u`` stay finite for every ``gamma``.
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
@@ -124,14 +129,53 @@ def dimension_frame(lam, touched, *, kappa=1.0, gamma=1.0, prior_weight=1.0):
     """
     del prior_weight
     log_e = ev.log_evidence(lam, touched, kappa, gamma)
-    b, u = ev.dirichlet_opinion_from_log(log_e)
-    shares = ev.belief_shares(b, u)
-    total = sum_over_sources(shares)
-    uniform_weights = touched / jnp.maximum(_num_touching(touched, lam.dtype), 1)
-    weights = jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), uniform_weights)
-    flat_b = jnp.reshape(b, (b.shape[0], -1))
-    _, uncertainty = ev.dempster_fold(flat_b, jnp.reshape(u, (u.shape[0],)))
+    frame_axes = tuple(range(1, log_e.ndim))
+    log_k = jnp.log(jnp.asarray(log_e[0].size, log_e.dtype))
+    # log Z_s = log(sum_d e[s, d] + K): the Dirichlet opinion's strength, then b = e / Z, u = K / Z.
+    log_z = jnp.logaddexp(jax.nn.logsumexp(log_e, axis=frame_axes, keepdims=True), log_k)
+    log_b, log_u = log_e - log_z, log_k - log_z
+    weights = _coordinate_shares(log_b, jnp.broadcast_to(log_u, log_b.shape), touched)
+    flat_log_b = jnp.reshape(log_b, (log_b.shape[0], -1))
+    uncertainty = jnp.exp(_log_fused_frame_mass(flat_log_b, jnp.reshape(log_u, (-1,))))
     return weights, uncertainty
+
+
+def _coordinate_shares(log_b, log_u, touched):
+    """``belief_shares(b, u)`` normalised over the sources at each coordinate, from logs.
+
+    At coordinate ``d`` each source's pair is divided by ``c = max(b[s, d], u_s)``, which
+    leaves the normalised shares unchanged; the shares of the scaled pairs cannot all
+    vanish unless every scaled belief underflows, and then (every ``u`` being the larger
+    entry, each factor ``u_t + x b_t`` is 1) the shares are proportional to the scaled
+    beliefs: a softmax of ``log b[s, d] - log c``.
+    """
+    top = jnp.maximum(log_b, log_u)
+    scaled_log_b = log_b - top
+    shares = ev.belief_shares(jnp.exp(scaled_log_b), jnp.exp(log_u - top))
+    total = sum_over_sources(shares)
+    relative_log_b = jnp.where(touched, scaled_log_b, -jnp.inf)
+    has_belief = jnp.isfinite(jnp.max(relative_log_b, axis=0))
+    limit = jax.nn.softmax(jnp.where(has_belief, relative_log_b, 0.0), axis=0)
+    uniform_weights = touched / jnp.maximum(_num_touching(touched, log_b.dtype), 1)
+    fallback = jnp.where(has_belief, limit, uniform_weights)
+    return jnp.where(total > 0, shares / jnp.where(total > 0, total, 1), fallback)
+
+
+def _log_fused_frame_mass(log_b, log_u):
+    """``log u`` of :func:`bogc_jax.evidence.dempster_fold` over ``[S, K]`` beliefs, in logs.
+
+    Each step of the fold, ``b = b1 b2 + b1 u2 + b2 u1`` and ``u = u1 u2``, is normalised
+    by their total ``sum_k b_k + u`` (which equals ``1 - C``), so no mass underflows.
+    """
+    fused_b, fused_u = log_b[0], log_u[0]
+    for s in range(1, log_b.shape[0]):
+        unnormalised_b = jnp.logaddexp(
+            fused_b + log_b[s], jnp.logaddexp(fused_b + log_u[s], log_b[s] + fused_u)
+        )
+        unnormalised_u = fused_u + log_u[s]
+        log_norm = jnp.logaddexp(jax.nn.logsumexp(unnormalised_b), unnormalised_u)
+        fused_b, fused_u = unnormalised_b - log_norm, unnormalised_u - log_norm
+    return fused_u
 
 
 WEIGHTINGS: Mapping[str, Weighting] = MappingProxyType(

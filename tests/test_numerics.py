@@ -390,3 +390,31 @@ def test_one_device_with_a_nan_flags_every_device(factory):
         np.testing.assert_array_equal(field[0], field[1])
         np.testing.assert_array_equal(field[0], np.asarray(getattr(state, k)))
     np.testing.assert_array_equal(out["enc1"][0], GRADS["enc1"])  # passed through
+
+
+def test_tiny_mean_with_zero_variance_has_a_finite_precision():
+    """A |mean| whose square underflows float32 (7e-26), variance 0: precision stays finite
+    under jit and eagerly (XLA may fold ``var / unit / unit`` into ``var / unit**2``)."""
+    mean = jnp.array([[3.9e19, 5.1e-15, 7.5e-26, 0.0]], jnp.float32)
+    var = jnp.array([[8.3e-6, 3.2e-14, 0.0, 3.4e23]], jnp.float32)
+    touched = (mean != 0) | (var != 0)
+    for fn in (bj.evidence.precision, jax.jit(bj.evidence.precision)):
+        lam = fn(var, mean, touched)
+        assert np.all(np.isfinite(lam)) and np.all(np.asarray(lam) > 0)
+
+
+@pytest.mark.parametrize("gamma", [10.0, 100.0, 300.0, 3000.0])
+def test_dimension_frame_stays_finite_when_the_sources_totally_conflict(gamma):
+    """Two sources each sure of a different coordinate: at sharp evidence their Dirichlet
+    uncertainties leave float32's range (the fold's ``1 - C`` cancels to 0). The weights
+    go to the surer source at each coordinate and the fused uncertainty stays finite."""
+    mean = jnp.array([[0.336, -1.09, 0.0], [5.77, -9.82, 0.0037]], jnp.float32)
+    var = jnp.array([[0.143, 0.0249, 0.0], [0.00473, 33.3, 2.70]], jnp.float32)
+    touched = (mean != 0) | (var != 0)
+    lam = bj.evidence.precision(var, mean, touched)
+    weights, uncertainty = jax.jit(
+        lambda lam: bj.weightings.dimension_frame(lam, touched, gamma=gamma)
+    )(lam)
+    assert np.isfinite(float(uncertainty)) and 0.0 <= float(uncertainty) <= 1.0
+    np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weights, [[0, 1, 0], [1, 0, 1]], atol=1e-6)
