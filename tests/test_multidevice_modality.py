@@ -11,10 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-# One subprocess serves every test of this module (a module-scoped fixture): keep them on one
-# pytest-xdist worker (the README's test command passes --dist loadgroup), or it runs twice.
-pytestmark = pytest.mark.xdist_group("multidevice_modality")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "modality_worker.py")
 

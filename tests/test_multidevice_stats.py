@@ -15,10 +15,6 @@ import pytest
 
 from tests._processes import cpu_env, run_captured
 
-# One subprocess serves every test of this module (a module-scoped fixture): keep them on one
-# pytest-xdist worker (the README's test command passes --dist loadgroup), or it runs twice.
-pytestmark = pytest.mark.xdist_group("multidevice_stats")
-
 WORKER = pathlib.Path(__file__).with_name("multidevice_stats_worker.py")
 ROOT = WORKER.parent.parent
 

@@ -25,15 +25,10 @@ from tests._processes import run_captured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("setuptools") is None,
-        reason="building the wheel needs setuptools (the dev extra)",
-    ),
-    # One wheel (a module-scoped fixture) serves every test: one pytest-xdist worker builds
-    # it (the README's test command passes --dist loadgroup).
-    pytest.mark.xdist_group("wheel"),
-]
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("setuptools") is None,
+    reason="building the wheel needs setuptools (the dev extra)",
+)
 
 
 def readme():
