@@ -124,8 +124,8 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
 
         A_s      = c_n (n P_s - D) / D on T_d (s < S - 1),  A_{S-1} = -sum_{s < S-1} A_s
         delta_d  = sum_s A_s mu_s                                  (module doc)
-        weight_s = (sum_{d in T_s} A_s + |T_s|) / |T_s|   (the mean of |T_d| w_s)
-        u        = sum_k m_theta(k) H_k / sum_k H_k, H_k = #{d : |T_d| = k}
+        weight_s = (sum_{d in T_s} A_s + |T_s|) / max(|T_s|, 1)   (the mean of |T_d| w_s)
+        u        = sum_k m_theta(k) H_k / sum_k H_k,  H_k = #{d : |T_d| = k}
 
     Args:
       mean: ``[S, ...]`` mean gradients (``S <= 3``), float32.
@@ -184,20 +184,21 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
         delta = delta + shift[s] * mu[s]
 
     # Sums over the leaf as products with a vector of ones (vectorised, unlike a
-    # reduction to a scalar): sum_d A_s (sum_s A_s = 0 gives the last); per source,
-    # its touched count (NaN when an entry is not finite or a variance is negative) and
-    # the number of coordinates touched by exactly s + 1 sources.
+    # reduction to a scalar): sum_d A_s; per source, its touched count (NaN when an
+    # entry is not finite or a variance is negative) and the number of coordinates
+    # touched by exactly s + 1 sources.
     size = n.size
     ones = jnp.ones((size,), dtype)
-    first = [jnp.dot(x.reshape(size), ones) for x in shift[: num_sources - 1]]
-    first.append(-sum(first[1:], first[0]) if first else jnp.zeros((), dtype))
+    shift_sums = jnp.stack([jnp.dot(x.reshape(size), ones) for x in shift])
     ok = jnp.isfinite(mean) & jnp.isfinite(var) & (var >= 0)
     per_source_touch = jnp.where(ok, ((mean != 0) | (var != 0)).astype(dtype), jnp.nan)
     level = lax.broadcasted_iota(jnp.int32, mean.shape, 0) + 1
     with_count = (n[None].astype(jnp.int32) == level).astype(dtype)
     touch_counts = per_source_touch.reshape(num_sources, size) @ ones
     histogram = with_count.reshape(num_sources, size) @ ones
-    weights = (jnp.stack(first) + touch_counts) / jnp.maximum(touch_counts, 1)
+    weights = jnp.where(
+        touch_counts > 0, (shift_sums + touch_counts) / jnp.maximum(touch_counts, 1), 0.0
+    )
     thetas = jnp.asarray([prior_weight / (prior_weight + kappa * k) for k in sizes], dtype)
     uncertainty = jnp.sum(thetas * histogram) / jnp.maximum(jnp.sum(histogram), 1)
     checks = touch_counts
