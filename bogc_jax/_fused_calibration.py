@@ -5,8 +5,7 @@ sources computes, per coordinate ``d``, the same correction and diagnostics as t
 :func:`bogc_jax.evidence.precision` -> :func:`bogc_jax.evidence.log_evidence` ->
 :func:`bogc_jax.evidence.fuse_log_simple_supports` -> pignistic weights, rewritten so that
 XLA evaluates it as ``S - 1`` elementwise passes, one pass for the correction and sums
-over the leaf as products with a vector of ones, with one division per coordinate and
-pass and no logarithm or exponential. The sources are written out one by one.
+over the leaf, with one division per coordinate and pass and no logarithm or exponential. The sources are written out one by one.
 
 The algebra. With ``noise_s = v_s / unit**2 + floor`` the precision of
 :func:`~bogc_jax.evidence.precision` is ``lam_s = 1 / r_s`` with
@@ -143,6 +142,9 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
       ``[S]`` touched counts, NaN where an entry of ``mean`` or ``var`` is not finite or
       a variance is negative.
     """
+    # The statistics as arrays in memory: inside one program with their computation, XLA
+    # would otherwise recompute their last elementwise steps in each pass below.
+    mean, var = lax.optimization_barrier((mean, var))
     num_sources = mean.shape[0]
     dtype = mean.dtype
     mu = [mean[s] for s in range(num_sources)]
@@ -183,19 +185,23 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
     for s in range(1, num_sources):
         delta = delta + shift[s] * mu[s]
 
-    # Sums over the leaf as products with a vector of ones (vectorised, unlike a
-    # reduction to a scalar): sum_d A_s; per source, its touched count (NaN when an
+    # Sums over the leaf: sum_d A_s; per source, its touched count (NaN when an
     # entry is not finite or a variance is negative) and the number of coordinates
-    # touched by exactly s + 1 sources.
+    # touched by exactly s + 1 sources. The [S, ...] tables are built from the sources'
+    # slices with an iota (elementwise: no concatenation, and the statistics' producers,
+    # e.g. a stack of per-source results, are read one source at a time).
     size = n.size
-    ones = jnp.ones((size,), dtype)
-    shift_sums = jnp.stack([jnp.dot(x.reshape(size), ones) for x in shift])
-    ok = jnp.isfinite(mean) & jnp.isfinite(var) & (var >= 0)
-    per_source_touch = jnp.where(ok, ((mean != 0) | (var != 0)).astype(dtype), jnp.nan)
-    level = lax.broadcasted_iota(jnp.int32, mean.shape, 0) + 1
-    with_count = (n[None].astype(jnp.int32) == level).astype(dtype)
-    touch_counts = per_source_touch.reshape(num_sources, size) @ ones
-    histogram = with_count.reshape(num_sources, size) @ ones
+    shift_sums = jnp.stack([jnp.sum(x) for x in shift])
+    row = lax.broadcasted_iota(jnp.int32, mean.shape, 0)
+    tally = jnp.zeros(mean.shape, dtype)
+    level = jnp.zeros(mean.shape, dtype)
+    for s in range(num_sources):
+        ok = jnp.isfinite(mu[s]) & jnp.isfinite(var[s]) & (var[s] >= 0)
+        touch = jnp.where(ok, touched[s].astype(dtype), jnp.nan)
+        tally = jnp.where(row == s, touch[None], tally)
+        level = jnp.where(row == s, (n == s + 1).astype(dtype)[None], level)
+    touch_counts = jnp.sum(tally.reshape(num_sources, size), axis=1)
+    histogram = jnp.sum(level.reshape(num_sources, size), axis=1)
     weights = jnp.where(
         touch_counts > 0, (shift_sums + touch_counts) / jnp.maximum(touch_counts, 1), 0.0
     )
