@@ -5,7 +5,8 @@ sources computes, per coordinate ``d``, the same correction and diagnostics as t
 :func:`bogc_jax.evidence.precision` -> :func:`bogc_jax.evidence.log_evidence` ->
 :func:`bogc_jax.evidence.fuse_log_simple_supports` -> pignistic weights, rewritten so that
 XLA evaluates it as ``S - 1`` elementwise passes, one pass for the correction and sums
-over the leaf, with one division per coordinate and pass and no logarithm or exponential. The sources are written out one by one.
+over the leaf, with one division per coordinate and pass and no logarithm or
+exponential. The sources are written out one by one.
 
 The algebra. With ``noise_s = v_s / unit**2 + floor`` the precision of
 :func:`~bogc_jax.evidence.precision` is ``lam_s = 1 / r_s`` with
