@@ -36,8 +36,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, HERE):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from timing import STEP_METHODS, time_interleaved, training_step
 
 NUM_SOURCES = 3
 CLASSES = 10
@@ -266,7 +269,7 @@ def compile_with_memory(jitted, *args):
     return compiled, mib, seconds, ops
 
 
-STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
+STEPS = STEP_METHODS
 STATS = ("grad", "fast", "vmap", "vmap_chunked")
 
 
@@ -290,12 +293,13 @@ def jax_functions(
     - ``bogc``: ``bj.source_grad_stats(method="fast")`` -> ``bj.bogc``;
     - ``cggm``, ``ogm_ge``: the summed losses' gradient and the auxiliary heads' batch
       accuracies (``modality_scores``) -> ``bj.cggm`` / ``bj.ogm_ge``;
-    - ``mmpareto``: per-source mean gradients (``jax.jacrev`` of the ``[S]`` mean losses:
-      mmpareto reads no variance) -> ``bj.mmpareto``.
+    - ``mmpareto``: per-source mean gradients (``bj.source_grad_means``: mmpareto reads
+      no variance) -> ``bj.mmpareto``.
+
+    (``timing.training_step`` builds each step.)
     """
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import optax  # pylint: disable=g-import-not-at-top
 
     import bogc_jax as bj  # pylint: disable=g-import-not-at-top
 
@@ -326,81 +330,17 @@ def jax_functions(
         return fns, num_params, notes
 
     labels = bj.label_params(params, {"enc0": 0, "enc1": 1}, default=None)
-
-    def scores(logits, y):
-        return jnp.stack([jnp.mean(jnp.argmax(z, -1) == y) for z in logits[1:]])
-
-    def with_scores(p, b):
-        losses, logits = forward(p, b)
-        return jnp.sum(jnp.mean(losses, axis=1)), scores(logits, b[2])
-
-    def fusion_only(p, b):
-        losses, _ = forward(p, b, stop_heads=True)
-        return jnp.sum(jnp.mean(losses, axis=1))
-
-    makers = {
-        "joint": lambda: optax.identity(),
-        "joint_uni": lambda: optax.identity(),
-        "bogc": lambda: bj.bogc(NUM_SOURCES, kappa=1.0, gamma=1.0),
-        "cggm": lambda: bj.cggm(labels, rho=1.3),
-        "ogm_ge": lambda: bj.ogm_ge(labels, alpha=0.1),
-        "mmpareto": lambda: bj.mmpareto(labels, gamma=1.5),
-    }
     for name in steps:
         if name not in ("joint", "joint_uni") and not hasattr(bj, name):
             notes.append(f"bj.{name} is not importable yet: its training step is skipped")
             continue
-        tx = optax.chain(makers[name](), optax.adam(1e-3))
-        state = tx.init(params)
-
-        def step(p, s, b, name=name, tx=tx):
-            extra = {}
-            if name == "joint":
-                grads = jax.grad(fusion_only)(p, b)
-            elif name == "joint_uni":
-                grads = jax.grad(total)(p, b)
-            elif name == "bogc":
-                stats = bj.source_grad_stats(losses_fn, p, b, method="fast")
-                grads, extra = stats.fixed_weight_grads(), {"grad_stats": stats}
-            elif name == "mmpareto":
-                mean = jax.jacrev(lambda q: jnp.mean(losses_fn(q, b), axis=1))(p)
-                stats = bj.GradStats(jnp.float32(n), mean, jax.tree.map(jnp.zeros_like, mean))
-                grads, extra = stats.fixed_weight_grads(), {"grad_stats": stats}
-            else:
-                grads, sc = jax.grad(with_scores, has_aux=True)(p, b)
-                extra = {"modality_scores": sc}
-            updates, s = tx.update(grads, s, p, **extra)
-            return optax.apply_updates(p, updates), s
-
+        step, state = training_step(bj, name, losses_fn, forward, params, labels, n)
         fns[f"step_{name}"] = (jax.jit(step), (params, state, batch))
     return fns, num_params, notes
 
 
 def _divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-def time_interleaved(fns: dict, repeats: int, budget_s: float = 5.0, clock: str = "wall") -> dict:
-    """Median seconds per call; a function stops repeating once it has used ``budget_s``.
-
-    ``clock="wall"``: elapsed time; ``"cpu"``: CPU time of this process (all its threads),
-    which on a shared CPU counts the work done rather than the time spent waiting for a core.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-
-    now = time.perf_counter if clock == "wall" else time.process_time
-    times = {k: [] for k in fns}
-    spent = {k: 0.0 for k in fns}
-    for _ in range(repeats):
-        for name, (fn, args) in fns.items():
-            if times[name] and spent[name] > budget_s:
-                continue
-            start = now()
-            jax.block_until_ready(fn(*args))
-            elapsed = now() - start
-            times[name].append(elapsed)
-            spent[name] += elapsed
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
 
 
 # ----------------------------------------------------------------------------------------

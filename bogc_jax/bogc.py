@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bogc_jax import _fused_calibration as _fused
 from bogc_jax import evidence as ev
 from bogc_jax import validation
 from bogc_jax._finite import Step, finite_guarded, initial_flags
@@ -196,7 +197,10 @@ def bogc(
     * ``"sum"``: the fixed-weight baseline; ``grads`` pass through unchanged.
 
     The evidence is computed in log space (:func:`bogc_jax.evidence.log_evidence`), so no
-    ``gamma`` makes it overflow.
+    ``gamma`` makes it overflow. With ``gamma`` 0 or 1 (Python numbers) and at most three
+    sources the same weights come from an equivalent algebraic form with no logarithm,
+    exponential or reduction over the source axis (``W + sum_t e_t = W + kappa |T_d|``
+    at ``gamma = 1``), computed in a few passes over the statistics.
 
     Degenerate and non-finite statistics. Zero variance at a coordinate for every
     touching source (identical examples, or variances below float32's range, e.g. at
@@ -309,6 +313,24 @@ def bogc(
         noise=noise,
     )
 
+    two_pass = _fused.applies(num_sources, aggregation, gamma, kappa, prior_weight)
+
+    def _leaf_two_pass(mean, var, count):
+        noise_stats = None
+        if noise == "relative":
+            touched = (mean != 0) | (var != 0)
+            noise_stats = ev.relative_to_own_signal(mean, var, touched)
+        return _fused.leaf_calibration(
+            mean,
+            var,
+            count,
+            kappa=kappa,
+            gamma=gamma,
+            prior_weight=prior_weight,
+            eps=eps,
+            noise_stats=noise_stats,
+        )
+
     def init_fn(params):
         if is_params_placeholder(params):  # optax.tree.map_params: no parameter copies
             return BogcState(jnp.zeros([]), jnp.zeros([]), *initial_flags())
@@ -339,26 +361,36 @@ def bogc(
             fix="Calibrated leaves need floating gradients; set mask to False there.",
         )
         count = jnp.asarray(cast(GradStats, grad_stats).count)  # not None: checked above
-        chosen_vars = [v for v, on in zip(stats_vars, calibrate) if on]
-        chosen = [m for m, on in zip(stats_means, calibrate) if on] + chosen_vars
-        valid = (count > 0) & _all_non_negative(chosen_vars)
+        # Inputs checked for finiteness: the statistics of the calibrated leaves (or, on
+        # the two-pass path, their extremes, finite exactly when every entry is) and the
+        # incoming gradients that the output check does not cover (``g + delta`` is not
+        # finite when ``g`` is not).
+        checked, chosen_vars = [], []
         new_grads, weights, uncertainties = [], [], []
         for g, mean, var, on in zip(flat_grads, stats_means, stats_vars, calibrate):
             if not on:
+                checked.append(g)
                 new_grads.append(g)
                 weights.append(_keep_masked(g, jnp.zeros((num_sources,), jnp.float32)))
                 uncertainties.append(_keep_masked(g, jnp.zeros((), jnp.float32)))
                 continue
-            delta, w, u = _calibration(mean, var, count, **hyper)
+            if two_pass and mean.dtype == jnp.float32 and var.dtype == jnp.float32:
+                delta, w, u, counts = _leaf_two_pass(mean, var, count)
+                checked.append(counts)
+            else:
+                delta, w, u = _calibration(mean, var, count, **hyper)
+                checked += [g, mean, var]
+                chosen_vars.append(var)
             new_grads.append((g + delta).astype(g.dtype))
             weights.append(w)
             uncertainties.append(u)
+        valid = (count > 0) & _all_non_negative(chosen_vars)
         new_state = state._replace(
             source_weights=jax.tree.unflatten(treedef, weights),
             uncertainty=jax.tree.unflatten(treedef, uncertainties),
         )
         new_updates = jax.tree.unflatten(treedef, new_grads)
-        return Step(new_updates, new_state, inputs=(updates, chosen, count), valid=valid)
+        return Step(new_updates, new_state, inputs=(checked, count), valid=valid)
 
     return optax.GradientTransformationExtraArgs(init_fn, finite_guarded(core))
 

@@ -326,3 +326,73 @@ def test_belief_shares_equal_evidence_gives_equal_shares(num_sources):
     b, u = ev.dirichlet_opinion(jnp.asarray(e, jnp.float32))
     shares = np.asarray(ev.belief_shares(b, u))
     close(shares, np.broadcast_to(shares[:1], shares.shape), rtol=1e-6)
+
+
+# ------------------------------------------- the few-pass form of the default reading
+
+
+def _chain_and_two_pass(num_sources, kappa, gamma, prior_weight, eps):
+    import importlib
+
+    from bogc_jax import _fused_calibration
+
+    bogc_module = importlib.import_module("bogc_jax.bogc")
+    hyper = dict(kappa=kappa, gamma=gamma, prior_weight=prior_weight, eps=eps)
+
+    def chain(mean, var, count):
+        return bogc_module._calibration(
+            mean, var, count, aggregation="dempster", noise="absolute", **hyper
+        )
+
+    def two_pass(mean, var, count):
+        return _fused_calibration.leaf_calibration(mean, var, count, **hyper)[:3]
+
+    return jax.jit(chain), jax.jit(two_pass)
+
+
+@pytest.mark.parametrize("num_sources", [2, 3])
+@pytest.mark.parametrize(
+    "gamma,kappa,prior_weight", [(1.0, 1.0, 1.0), (1.0, 3.0, 0.5), (0.0, 1.0, 1.0)]
+)
+def test_two_pass_calibration_equals_the_chain(num_sources, gamma, kappa, prior_weight):
+    chain, two_pass = _chain_and_two_pass(num_sources, kappa, gamma, prior_weight, 1e-3)
+
+    @SETTINGS
+    @hypothesis.given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-15.0, 15.0))
+    def check(seed, log_scale):
+        rng = np.random.default_rng(seed)
+        shape = (num_sources, 7, 5)
+        scale = 10.0**log_scale
+        mean = rng.normal(size=shape) * scale * 10.0 ** rng.uniform(-3, 3, (num_sources, 1, 1))
+        var = (
+            rng.exponential(size=shape) * scale**2 * 10.0 ** rng.uniform(-4, 4, (num_sources, 1, 1))
+        )
+        mean[rng.random(shape) < 0.2] = 0.0  # only a variance
+        var[rng.random(shape) < 0.3] = 0.0  # exactly known
+        off = rng.random(shape) < 0.2  # untouched
+        mean[off], var[off] = 0.0, 0.0
+        mean, var = jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32)
+        count = jnp.float32(rng.integers(1, 200))
+        d0, w0, u0 = chain(mean, var, count)
+        d1, w1, u1 = two_pass(mean, var, count)
+        top = float(jnp.max(jnp.abs(mean))) or 1.0
+        np.testing.assert_allclose(np.asarray(d1) / top, np.asarray(d0) / top, atol=5e-6)
+        np.testing.assert_allclose(w1, w0, atol=5e-6)
+        np.testing.assert_allclose(u1, u0, atol=5e-6)
+
+    check()
+
+
+def test_two_pass_checks_flag_bad_statistics():
+    from bogc_jax import _fused_calibration
+
+    mean = jnp.ones((3, 4))
+    for var in (jnp.ones((3, 4)).at[1, 2].set(-1.0), jnp.ones((3, 4)).at[0, 0].set(jnp.nan)):
+        *_, counts = _fused_calibration.leaf_calibration(
+            mean, var, 4.0, kappa=1.0, gamma=1.0, prior_weight=1.0, eps=1e-3
+        )
+        assert not bool(jnp.all(jnp.isfinite(counts)))
+    *_, counts = _fused_calibration.leaf_calibration(
+        mean, jnp.ones((3, 4)), 4.0, kappa=1.0, gamma=1.0, prior_weight=1.0, eps=1e-3
+    )
+    np.testing.assert_array_equal(counts, [4.0, 4.0, 4.0])

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.dirname(HERE)
@@ -29,6 +30,7 @@ for path in (ROOT, BENCH):
         sys.path.insert(0, path)
 
 import bench
+from timing import time_interleaved, training_step
 
 
 def extract(rev: str) -> str:
@@ -45,58 +47,56 @@ def extract(rev: str) -> str:
     return out
 
 
-def steps(bj, model, n, new):
+def steps(bj, model, n):
+    """Name -> (compiled fn, args): grad, fast statistics, and the joint, bogc and
+    mmpareto training steps (``timing.training_step``)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     size = bench.model_size(model)
-    params, losses_fn, _ = bench.jax_model(model, size)
+    params, losses_fn, forward = bench.jax_model(model, size)
     batch = tuple(jnp.asarray(x) for x in bench.make_batch(model, size, n))
     labels = bj.label_params(params, {"enc0": 0, "enc1": 1}, default=None)
-    adam = optax.adam(1e-3)
 
     def total(p, b):
         return jnp.sum(jnp.mean(losses_fn(p, b), axis=1))
 
-    def make(kind):
-        tx = {
-            "bogc": optax.chain(bj.bogc(3), adam),
-            "mmpareto": optax.chain(bj.mmpareto(labels), adam),
-        }.get(kind, adam)
-        state = tx.init(params)
-
-        def step(p, s, b):
-            extra = {}
-            if kind == "joint":
-                g = jax.grad(total)(p, b)
-            elif kind == "bogc":
-                sts = bj.source_grad_stats(losses_fn, p, b, method="fast")
-                g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
-            elif new:
-                sts = bj.source_grad_means(losses_fn, p, b)
-                g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
-            else:
-                mean = jax.jacrev(lambda q: jnp.mean(losses_fn(q, b), axis=1))(p)
-                sts = bj.GradStats(jnp.float32(n), mean, jax.tree.map(jnp.zeros_like, mean))
-                g, extra = sts.fixed_weight_grads(), {"grad_stats": sts}
-            u, s = tx.update(g, s, p, **extra)
-            return optax.apply_updates(p, u), s
-
-        return jax.jit(step).lower(params, state, batch).compile(), (params, state, batch)
+    def compiled(fn, *args):
+        start = time.perf_counter()
+        out = jax.jit(fn).lower(*args).compile()
+        return out, args, time.perf_counter() - start
 
     fns = {
-        "grad": (jax.jit(jax.grad(total)).lower(params, batch).compile(), (params, batch)),
-        "fast": (
-            jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))
-            .lower(params, batch)
-            .compile(),
-            (params, batch),
+        "grad": compiled(jax.grad(total), params, batch),
+        "fast": compiled(
+            lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"), params, batch
         ),
     }
     for kind in ("joint", "bogc", "mmpareto"):
-        fns[f"step_{kind}"] = make(kind)
+        step, state = training_step(bj, kind, losses_fn, forward, params, labels, n)
+        fns[f"step_{kind}"] = compiled(step, params, state, batch)
     return fns
+
+
+def torch_peers(model: str, args) -> dict:
+    """PyTorch on the same model and batch (wall clock): seconds per call, ratio to its grad."""
+    size = bench.model_size(model)
+    params = bench.jax_model(model, size)[0]
+    import jax
+
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    spec = types.SimpleNamespace(threads=args.threads, repeats=args.repeats)
+    out = {}
+    for method in args.torch.split(","):
+        if method == "func" and num_params > args.torch_func_max_params:
+            out[method] = {"error": f"skipped: {num_params / 1e6:.1f}M parameters"}
+            continue
+        out[method] = bench.run_torch(model, size, args.batch, method, spec)
+    grad_s = out.get("grad", {}).get("time_s")
+    for res in out.values():
+        if grad_s and "time_s" in res:
+            res["per_grad"] = res["time_s"] / grad_s
+    return out
 
 
 def main(argv=None):
@@ -105,9 +105,21 @@ def main(argv=None):
     parser.add_argument("--models", default="mlp512,cnn")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=os.path.join(BENCH, "results", "before-after.json"))
+    parser.add_argument(
+        "--torch",
+        default="",
+        help="PyTorch peers to time on each model after the JAX functions, each in a fresh "
+        "process (bench.run_torch): any of grad,func,backpack",
+    )
+    parser.add_argument(
+        "--torch-func-max-params",
+        type=float,
+        default=5e6,
+        help="skip torch.func (per-example gradients) on larger models: minutes per call",
+    )
     args = parser.parse_args(argv)
-    import jax
 
     sys.path.insert(0, extract(args.before))
     import bogc_jax_before as before
@@ -117,30 +129,36 @@ def main(argv=None):
     rows = []
     for model in args.models.split(","):
         fns = {}
-        for tag, bj, new in (("before", before, False), ("after", after, True)):
-            for name, fn in steps(bj, model, args.batch, new).items():
+        for tag, bj in (("before", before), ("after", after)):
+            for name, fn in steps(bj, model, args.batch).items():
                 fns[(tag, name)] = fn
-        times = {key: [] for key in fns}
-        for fn, a in fns.values():  # warm up
-            jax.block_until_ready(fn(*a))
-        for _ in range(args.repeats):
-            for key, (fn, a) in fns.items():
-                t = time.process_time()
-                jax.block_until_ready(fn(*a))
-                times[key].append(time.process_time() - t)
-        med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+        med = time_interleaved(
+            {key: (fn, a) for key, (fn, a, _) in fns.items()},
+            args.repeats,
+            budget_s=1e9,
+            clock="cpu",
+            warmup=True,
+        )
         for tag in ("before", "after"):
             row = {"model": model, "B": args.batch, "version": tag}
             row.update({name: 1e3 * med[(t, name)] for (t, name) in med if t == tag})
+            row.update({f"compile_{name}": fns[(t, name)][2] for (t, name) in fns if t == tag})
             row["fast/grad"] = row["fast"] / row["grad"]
             row["bogc/joint"] = row["step_bogc"] / row["step_joint"]
             row["mmpareto/joint"] = row["step_mmpareto"] / row["step_joint"]
+            joint_compile = row["compile_step_joint"]
+            for kind in ("bogc", "mmpareto"):
+                row[f"compile {kind}/joint"] = row[f"compile_step_{kind}"] / joint_compile
+            if tag == "after" and args.torch:
+                row["torch"] = torch_peers(model, args)
+                print(f"{model:8s} torch  {row['torch']}", flush=True)
             rows.append(row)
             print(
                 f"{model:8s} {tag:6s} grad {row['grad']:7.1f} ms  fast {row['fast']:7.1f} ms "
                 f"({row['fast/grad']:.2f}x)  joint {row['step_joint']:7.1f} ms  bogc "
                 f"{row['step_bogc']:7.1f} ms ({row['bogc/joint']:.2f}x)  mmpareto "
-                f"{row['step_mmpareto']:7.1f} ms ({row['mmpareto/joint']:.2f}x)",
+                f"{row['step_mmpareto']:7.1f} ms ({row['mmpareto/joint']:.2f}x)  compile bogc "
+                f"{row['compile bogc/joint']:.1f}x mmpareto {row['compile mmpareto/joint']:.1f}x",
                 flush=True,
             )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
