@@ -1,7 +1,9 @@
-"""A safe divisor that keeps sums of squares finite at any gradient scale."""
+"""Scale-safe helpers: a divisor that keeps sums of squares finite, and logarithms of
+hyper-parameters taken before they are cast to float32."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -16,3 +18,15 @@ def max_abs(xs: Sequence[jax.Array]) -> jax.Array:
     """
     top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs]))
     return jnp.where(top > 0, top, 1.0)
+
+
+def log_of(value, dtype) -> jax.Array:
+    """``log value`` as ``dtype``; a Python number's logarithm is taken before the cast.
+
+    So a value below the dtype's range keeps its logarithm (``kappa = 1e-88`` gives
+    ``-202.5`` in float32, not ``log 0 = -inf``); 0 gives ``-inf``. Arrays and tracers
+    (``optax.inject_hyperparams``) are cast first.
+    """
+    if isinstance(value, (int, float)):
+        return jnp.asarray(math.log(value) if value > 0 else -math.inf, dtype)
+    return jnp.log(jnp.asarray(value, dtype))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from bogc_jax import validation
+from bogc_jax._scale import log_of
 from bogc_jax._sources import max_over_sources as _max_over_sources
 from bogc_jax._sources import sum_over_sources
 
@@ -181,9 +182,9 @@ def log_evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 
     """The logarithm of :func:`evidence`, which cannot overflow.
 
     ``log e[s, d] = log kappa + gamma * log(lam[s, d] / mean_{s' in T_d} lam[s', d])`` for
-    ``s`` in ``T_d``, ``-inf`` otherwise (and everywhere when ``kappa = 0``). The ratio is
-    at most ``|T_d|``, so ``e`` overflows float32 once ``gamma * log |T_d|`` passes 88
-    (``S = 3, gamma = 100``); its logarithm stays finite.
+    ``s`` in ``T_d``, ``-inf`` otherwise (and everywhere when ``kappa = 0``). ``e`` overflows
+    float32 once ``gamma * log |T_d|`` passes 88 (``S = 3, gamma = 100``) and underflows for
+    ``kappa`` below 1e-38 (:func:`~bogc_jax._scale.log_of`); its logarithm stays finite.
 
     Args:
       lam: ``[S, ...]`` precisions (0 where not touched).
@@ -209,7 +210,7 @@ def log_evidence(lam: Array, touched: Array, kappa: float = 1.0, gamma: float = 
     log_ratio = jnp.log(jnp.where(positive, ratio, 1))
     sharpness = jnp.asarray(gamma, lam.dtype)
     scaled = jnp.where(positive, sharpness * log_ratio, jnp.where(sharpness == 0, 0.0, -jnp.inf))
-    return jnp.where(touched, jnp.log(jnp.asarray(kappa, lam.dtype)) + scaled, -jnp.inf)
+    return jnp.where(touched, log_of(kappa, lam.dtype) + scaled, -jnp.inf)
 
 
 def simple_support_opinion(e: Array, prior_weight: float = 1.0) -> tuple[Array, Array]:
@@ -370,7 +371,7 @@ def fuse_log_simple_supports(log_e: Array, prior_weight: float = 1.0) -> tuple[A
     validation.check_number(
         "fuse_log_simple_supports", "prior_weight", prior_weight, strict=True, finite=True
     )
-    log_w = jnp.log(jnp.asarray(prior_weight, log_e.dtype))
+    log_w = log_of(prior_weight, log_e.dtype)
     top = jnp.maximum(_max_over_sources(log_e), log_w)
     supports = jnp.exp(log_e - top)
     theta = jnp.exp(log_w - top)
@@ -481,15 +482,12 @@ def belief_shares(beliefs: Array, uncertainties: Array) -> Array:
       >>> shares[:, 0].tolist()  # b1 u2 + b1 b2 / 2 each: symmetric sources, equal shares
       [0.375, 0.375]
     """
-    num_sources = beliefs.shape[0]
     uncertainties = jnp.broadcast_to(uncertainties, beliefs.shape)
     shares = []
-    for s in range(num_sources):
+    for s in range(beliefs.shape[0]):
         # Coefficients c_k of prod_{t != s} (u_t + x b_t) = sum_k c_k x**k.
         coeffs = [jnp.ones_like(beliefs[0])]
-        for t in range(num_sources):
-            if t == s:
-                continue
+        for t in (t for t in range(beliefs.shape[0]) if t != s):
             nxt = [coeffs[0] * uncertainties[t]]
             for k in range(1, len(coeffs)):
                 nxt.append(coeffs[k] * uncertainties[t] + coeffs[k - 1] * beliefs[t])

@@ -418,3 +418,17 @@ def test_dimension_frame_stays_finite_when_the_sources_totally_conflict(gamma):
     assert np.isfinite(float(uncertainty)) and 0.0 <= float(uncertainty) <= 1.0
     np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-6)
     np.testing.assert_allclose(weights, [[0, 1, 0], [1, 0, 1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["dempster", "dimension_frame"])
+def test_a_strength_below_float32s_range_keeps_its_logarithm(aggregation):
+    """kappa = 1e-88 is 0 in float32, but its evidence is not 0: the weights follow the
+    precisions (dimension_frame: shares proportional to the evidence) instead of 1/|T_d|."""
+    lam = jnp.array([[3.0, 1.0], [1.0, 1.0]])
+    touched = jnp.ones((2, 2), bool)
+    log_e = bj.evidence.log_evidence(lam, touched, kappa=1e-88)
+    np.testing.assert_allclose(log_e[:, 1], np.log(1e-88), rtol=1e-6)
+    weights, _ = bj.weightings.WEIGHTINGS[aggregation](lam, touched, kappa=1e-88)
+    assert np.all(np.isfinite(weights))
+    if aggregation == "dimension_frame":
+        np.testing.assert_allclose(weights[:, 0], [0.75, 0.25], rtol=1e-5)
