@@ -423,33 +423,32 @@ def dirichlet_opinion(e: Array) -> tuple[Array, Array]:
     return e / strength, frame_size / strength
 
 
-def dirichlet_opinion_from_log(log_e: Array) -> tuple[Array, Array]:
+def dirichlet_opinion_from_log(log_e: Array, *, in_logs: bool = False) -> tuple[Array, Array]:
     """:func:`dirichlet_opinion` from log-evidence (:func:`log_evidence`), overflow-free.
 
-    With ``K`` the frame size and ``c_s = max(log K, max_d log e[s, d])``:
-    ``b[s, d] = exp(log e[s, d] - c_s) / Z_s``, ``u_s = exp(log K - c_s) / Z_s``,
-    ``Z_s = exp(log K - c_s) + sum_d exp(log e[s, d] - c_s)``: the same opinion as
-    ``e / (sum e + K)`` and ``K / (sum e + K)``.
+    With ``K`` the frame size, ``log Z_s = logsumexp(log e[s, :], log K)`` (the strength
+    ``sum_d e[s, d] + K``): ``log b[s, d] = log e[s, d] - log Z_s``, ``log u_s = log K -
+    log Z_s``. ``in_logs=True`` returns these logarithms, which stay finite where ``b`` or
+    ``u`` underflow float32 (sharp evidence); otherwise their exponentials.
 
     Args:
       log_e: ``[S, ...]`` log-evidence.
+      in_logs: return ``(log b, log u)`` instead of ``(b, u)``.
 
     Returns:
-      ``(b, u)`` as :func:`dirichlet_opinion`.
+      ``(b, u)`` as :func:`dirichlet_opinion` (or their logarithms).
 
     Example:
       >>> import jax.numpy as jnp, bogc_jax as bj
       >>> b, u = bj.evidence.dirichlet_opinion_from_log(jnp.log(jnp.array([[2.0, 0.0]])))
-      >>> b.tolist(), u.tolist()
-      ([[0.5, 0.0]], [[0.5]])
+      >>> [round(x, 6) for x in b[0].tolist()], round(float(u[0, 0]), 6)
+      ([0.5, 0.0], 0.5)
     """
     frame_axes = tuple(range(1, log_e.ndim))
     log_k = jnp.log(jnp.asarray(log_e[0].size, log_e.dtype))
-    top = jnp.maximum(jnp.max(log_e, axis=frame_axes, keepdims=True), log_k)
-    supports = jnp.exp(log_e - top)
-    vacuous = jnp.exp(log_k - top)
-    strength = jnp.sum(supports, axis=frame_axes, keepdims=True) + vacuous
-    return supports / strength, vacuous / strength
+    log_z = jnp.logaddexp(jax.nn.logsumexp(log_e, axis=frame_axes, keepdims=True), log_k)
+    log_b, log_u = log_e - log_z, log_k - log_z
+    return (log_b, log_u) if in_logs else (jnp.exp(log_b), jnp.exp(log_u))
 
 
 def belief_shares(beliefs: Array, uncertainties: Array) -> Array:

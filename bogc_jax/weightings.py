@@ -129,11 +129,7 @@ def dimension_frame(lam, touched, *, kappa=1.0, gamma=1.0, prior_weight=1.0):
     """
     del prior_weight
     log_e = ev.log_evidence(lam, touched, kappa, gamma)
-    frame_axes = tuple(range(1, log_e.ndim))
-    log_k = jnp.log(jnp.asarray(log_e[0].size, log_e.dtype))
-    # log Z_s = log(sum_d e[s, d] + K): the Dirichlet opinion's strength, then b = e / Z, u = K / Z.
-    log_z = jnp.logaddexp(jax.nn.logsumexp(log_e, axis=frame_axes, keepdims=True), log_k)
-    log_b, log_u = log_e - log_z, log_k - log_z
+    log_b, log_u = ev.dirichlet_opinion_from_log(log_e, in_logs=True)
     weights = _coordinate_shares(log_b, jnp.broadcast_to(log_u, log_b.shape), touched)
     flat_log_b = jnp.reshape(log_b, (log_b.shape[0], -1))
     uncertainty = jnp.exp(_log_fused_frame_mass(flat_log_b, jnp.reshape(log_u, (-1,))))
