@@ -4,9 +4,10 @@
 sources computes, per coordinate ``d``, the same correction and diagnostics as the chain
 :func:`bogc_jax.evidence.precision` -> :func:`bogc_jax.evidence.log_evidence` ->
 :func:`bogc_jax.evidence.fuse_log_simple_supports` -> pignistic weights, rewritten so that
-XLA evaluates it as ``S - 1`` elementwise passes, one pass for the correction and sums
-over the leaf, with one division per coordinate and pass and no logarithm or
-exponential. The sources are written out one by one.
+XLA evaluates the chain in one elementwise pass that stores the ``S - 1`` shifts below
+(two of them as the real and imaginary parts of one complex array), with one division
+per coordinate and no logarithm or exponential; one pass forms the correction and a few
+light passes the sums over the leaf. The sources are written out one by one.
 
 The algebra. With ``noise_s = v_s / unit**2 + floor`` the precision of
 :func:`~bogc_jax.evidence.precision` is ``lam_s = 1 / r_s`` with
@@ -88,6 +89,29 @@ def _products(ratios, touched):
     for p in products[1:]:
         total = total + p
     return products, total
+
+
+def _stored(values: list) -> list:
+    """``values`` (at most two arrays) written to memory by one pass, and read back.
+
+    Two arrays are stored as the real and imaginary parts of one complex array, so that
+    the elementwise chain they share is evaluated once per coordinate (XLA writes one
+    array per pass).
+    """
+    if len(values) == 2:
+        pair = lax.optimization_barrier(lax.complex(values[0], values[1]))
+        return [jnp.real(pair), jnp.imag(pair)]
+    return [lax.optimization_barrier(x) for x in values]
+
+
+def _stored_sums(stored: list, dtype) -> jax.Array:
+    """The sum of each array returned by :func:`_stored`, read from the stored buffer."""
+    if not stored:
+        return jnp.zeros((0,), dtype)
+    if len(stored) == 2:
+        total = jnp.sum(lax.complex(stored[0], stored[1]))
+        return jnp.stack([jnp.real(total), jnp.imag(total)])
+    return jnp.stack([jnp.sum(x) for x in stored])
 
 
 def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
@@ -174,35 +198,33 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
     c_n = _per_count([kappa * k / (prior_weight + kappa * k) for k in sizes], n, dtype)
 
     # A_s = |T_d| w_s - 1 = c_n (n P_s - D) / D on T_d, for all sources but the last
-    # (sum_T A_s = 0 gives it): each is one evaluation of the chain, kept in memory for
-    # the correction and the sums below.
+    # (sum_T A_s = 0 gives it): one evaluation of the chain, kept in memory for the
+    # correction and the sums below.
     shift = [
         jnp.where(touched[s], c_n * (n * products[s] - total) / total, 0.0)
         for s in range(num_sources - 1)
     ]
+    shift = _stored(shift)
     rest = sum(shift[1:], shift[0]) if shift else jnp.zeros_like(n)
     shift.append(jnp.where(touched[-1], -rest, 0.0))
     delta = shift[0] * mu[0]
     for s in range(1, num_sources):
         delta = delta + shift[s] * mu[s]
 
-    # Sums over the leaf: sum_d A_s; per source, its touched count (NaN when an
-    # entry is not finite or a variance is negative) and the number of coordinates
-    # touched by exactly s + 1 sources. The [S, ...] tables are built from the sources'
-    # slices with an iota (elementwise: no concatenation, and the statistics' producers,
-    # e.g. a stack of per-source results, are read one source at a time).
-    size = n.size
-    shift_sums = jnp.stack([jnp.sum(x) for x in shift])
-    row = lax.broadcasted_iota(jnp.int32, mean.shape, 0)
-    tally = jnp.zeros(mean.shape, dtype)
-    level = jnp.zeros(mean.shape, dtype)
+    # Sums over the leaf: sum_d A_s (the last source's is minus the others'); per source,
+    # its touched count (NaN where an entry is not finite or a variance is negative) and
+    # the number of coordinates touched by exactly s + 1 sources. XLA:CPU sums an array
+    # in memory, so each sum writes one array from what it needs alone (a table of the
+    # sources side by side would evaluate every source's expression at every entry).
+    shift_sums = _stored_sums(shift[:-1], dtype)
+    shift_sums = jnp.concatenate([shift_sums, -jnp.sum(shift_sums, keepdims=True)])
+    n_stored = lax.optimization_barrier(n)
+    touch_counts, histogram = [], []
     for s in range(num_sources):
         ok = jnp.isfinite(mu[s]) & jnp.isfinite(var[s]) & (var[s] >= 0)
-        touch = jnp.where(ok, touched[s].astype(dtype), jnp.nan)
-        tally = jnp.where(row == s, touch[None], tally)
-        level = jnp.where(row == s, (n == s + 1).astype(dtype)[None], level)
-    touch_counts = jnp.sum(tally.reshape(num_sources, size), axis=1)
-    histogram = jnp.sum(level.reshape(num_sources, size), axis=1)
+        touch_counts.append(jnp.sum(jnp.where(ok, touched[s].astype(dtype), jnp.nan)))
+        histogram.append(jnp.sum((n_stored == s + 1).astype(dtype)))
+    touch_counts, histogram = jnp.stack(touch_counts), jnp.stack(histogram)
     weights = jnp.where(
         touch_counts > 0, (shift_sums + touch_counts) / jnp.maximum(touch_counts, 1), 0.0
     )

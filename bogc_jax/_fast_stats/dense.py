@@ -136,17 +136,24 @@ def canonical_conv(plan: Plan) -> Canonical:
 
 
 def _power_of_two_scale(x, axis: int):
-    """Per column, a power of two ``2**e`` with ``max_i |x_i| / 2**e`` in ``[1, 2)``.
+    """Per column, ``(2**e, 2**-e)`` with ``max_i |x_i| / 2**e`` in ``[1, 2)``.
 
-    Dividing by it is exact and brings every column to order one, so that squares neither
-    underflow nor overflow; columns of zeros (or non-finite ones) get 1.
+    Multiplying by ``2**-e`` is exact and brings every column to order one, so that
+    squares neither underflow nor overflow; columns of zeros (or non-finite ones) get 1,
+    subnormal peaks ``2**-126``. The exponent is read from the float's bits and both
+    vectors are materialised: broadcast into the products' operands, a recomputed
+    ``frexp``/``ldexp`` per entry would cost more than the products' inputs themselves.
     """
     peak = jnp.max(jnp.abs(x), axis=axis)
-    _, exponent = jnp.frexp(peak)
     info = jnp.finfo(x.dtype)
-    exponent = jnp.clip(exponent - 1, info.minexp, info.maxexp - 1)
-    scale = jnp.ldexp(jnp.ones_like(peak), exponent)
-    return jnp.where(jnp.isfinite(peak) & (peak > 0), scale, jnp.ones_like(peak))
+    bits = info.nmant  # mantissa bits: 23 (float32), 52 (float64)
+    bias = info.maxexp - 1  # 127, 1023
+    int_type = jnp.int32 if x.dtype == jnp.float32 else jnp.int64
+    biased = (jax.lax.bitcast_convert_type(peak, int_type) >> bits) & (2 * bias + 1)
+    biased = jnp.clip(biased, 1, 2 * bias)  # subnormal peaks: 2**-126 (float32)
+    scale = jax.lax.bitcast_convert_type(biased.astype(int_type) << bits, x.dtype)
+    scale = jnp.where(jnp.isfinite(peak) & (peak > 0), scale, jnp.ones_like(peak))
+    return jax.lax.optimization_barrier((scale, 1.0 / scale))
 
 
 def _centred_m2(a, d, n):
@@ -183,6 +190,31 @@ def _dense_operands(job: kernels.LeafJob):
     return a, d, layout
 
 
+def _products(a, d):
+    """``(sum_i a_i d_i, sum_i a_i**2 d_i**2)`` per group: ``[n, g, c], [n, g, F] -> [g, c, F]``.
+
+    The operand with fewer entries is transposed once (examples last) and both products
+    read it: a product contracting the leading axes would otherwise have XLA transpose its
+    first operand, and its square, inside each product's input fusion. For a wide layer
+    feeding a small head (``c`` much larger than ``F``) that is the cotangent, and the
+    ``[g, F, c]`` results are transposed instead (``F c`` entries, not ``n c``).
+    """
+    if a.shape[2] <= d.shape[2]:
+        left, right = jax.lax.optimization_barrier(
+            (jnp.transpose(a, (1, 2, 0)), jnp.swapaxes(d, 0, 1))
+        )
+        spec = "gcn,gnf->gcf"
+    else:
+        left, right = jax.lax.optimization_barrier(
+            (jnp.transpose(d, (1, 2, 0)), jnp.swapaxes(a, 0, 1))
+        )
+        spec = "gfn,gnc->gcf"
+    return (
+        kernels.contract(spec, left, right),
+        kernels.contract(spec, jnp.square(left), jnp.square(right)),
+    )
+
+
 def dense_moments(job: kernels.LeafJob):
     """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example).
 
@@ -198,18 +230,24 @@ def dense_moments(job: kernels.LeafJob):
     """
     a, d, layout = _dense_operands(job)
     n = a.shape[0]
-    scale_a = _power_of_two_scale(a, 0)  # [g, c]
-    scale_d = _power_of_two_scale(d, 0)  # [g, S f]
-    a, d = a / scale_a, d / scale_d
-
-    mean = kernels.contract("ngc,ngf->gcf", a, d) / n
-    m2_raw = kernels.contract("ngc,ngf->gcf", jnp.square(a), jnp.square(d)) - n * jnp.square(mean)
-    # The uncentred m2 loses about n mean**2 / m2 units in the last place: above
-    # CANCELLATION_LIMIT, recompute it centred (rare for noisy per-example gradients).
-    risky = jnp.any(n * jnp.square(mean) > CANCELLATION_LIMIT * m2_raw)
-    m2 = jnp.maximum(jax.lax.cond(risky, lambda: _centred_m2(a, d, n), lambda: m2_raw), 0.0)
+    scale_a, inverse_a = _power_of_two_scale(a, 0)  # [g, c]
+    scale_d, inverse_d = _power_of_two_scale(d, 0)  # [g, S f]
+    a, d = a * inverse_a, d * inverse_d
+    total, squares = _products(a, d)  # sum_i a_i d_i and sum_i a_i**2 d_i**2
+    # m2 = squares - total**2 / n loses about n mean**2 / m2 units in the last place:
+    # where that exceeds CANCELLATION_LIMIT (L), i.e. (1 + L) total**2 > L n squares, m2 is
+    # recomputed from centred inputs (rare for noisy per-example gradients). The check is
+    # the only pass over the products before the fusions that write the leaf's
+    # statistics: otherwise the branch hands back the products' buffer unchanged.
+    limit = CANCELLATION_LIMIT
+    risky = jnp.any((1.0 + limit) * jnp.square(total) > (limit * n) * squares)
+    # (Only the branch's output is read afterwards, so that it may reuse that buffer.)
+    out = jax.lax.cond(risky, lambda: _centred_m2(a, d, n), lambda: squares)
+    m2 = jnp.where(risky, out, out - jnp.square(total) / n)
     factor = scale_a[:, :, None] * scale_d[:, None, :]  # [g, c, S f]
-    return layout(mean * factor), layout((m2 * factor) * factor)
+    mean = total * (factor / n)
+    m2 = (jnp.maximum(m2, 0.0) * factor) * factor  # not factor**2, which may overflow
+    return layout(mean), layout(m2)
 
 
 def positions_moments(job: kernels.LeafJob):
