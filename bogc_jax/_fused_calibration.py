@@ -91,27 +91,20 @@ def _products(ratios, touched):
     return products, total
 
 
-def _stored(values: list) -> list:
-    """``values`` (at most two arrays) written to memory by one pass, and read back.
+def _stored(values: list) -> tuple[list, jax.Array]:
+    """``values`` (at most two arrays) written to memory by one pass; the arrays read back
+    and the sum of each.
 
     Two arrays are stored as the real and imaginary parts of one complex array, so that
     the elementwise chain they share is evaluated once per coordinate (XLA writes one
-    array per pass).
+    array per pass) and one reduction of that array gives both sums.
     """
     if len(values) == 2:
         pair = lax.optimization_barrier(lax.complex(values[0], values[1]))
-        return [jnp.real(pair), jnp.imag(pair)]
-    return [lax.optimization_barrier(x) for x in values]
-
-
-def _stored_sums(stored: list, dtype) -> jax.Array:
-    """The sum of each array returned by :func:`_stored`, read from the stored buffer."""
-    if not stored:
-        return jnp.zeros((0,), dtype)
-    if len(stored) == 2:
-        total = jnp.sum(lax.complex(stored[0], stored[1]))
-        return jnp.stack([jnp.real(total), jnp.imag(total)])
-    return jnp.stack([jnp.sum(x) for x in stored])
+        total = jnp.sum(pair)
+        return [jnp.real(pair), jnp.imag(pair)], jnp.stack([jnp.real(total), jnp.imag(total)])
+    stored = [lax.optimization_barrier(x) for x in values]
+    return stored, jnp.stack([jnp.sum(x) for x in stored]) if stored else jnp.zeros((0,))
 
 
 def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
@@ -204,7 +197,7 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
         jnp.where(touched[s], c_n * (n * products[s] - total) / total, 0.0)
         for s in range(num_sources - 1)
     ]
-    shift = _stored(shift)
+    shift, shift_sums = _stored(shift)
     rest = sum(shift[1:], shift[0]) if shift else jnp.zeros_like(n)
     shift.append(jnp.where(touched[-1], -rest, 0.0))
     delta = shift[0] * mu[0]
@@ -216,7 +209,6 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
     # the number of coordinates touched by exactly s + 1 sources. XLA:CPU sums an array
     # in memory, so each sum writes one array from what it needs alone (a table of the
     # sources side by side would evaluate every source's expression at every entry).
-    shift_sums = _stored_sums(shift[:-1], dtype)
     shift_sums = jnp.concatenate([shift_sums, -jnp.sum(shift_sums, keepdims=True)])
     n_stored = lax.optimization_barrier(n)
     touch_counts, histogram = [], []

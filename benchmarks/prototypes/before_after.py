@@ -5,7 +5,8 @@ The other revision's ``bogc_jax`` is extracted with ``git archive`` under the na
 one batch size (three sources): one batch gradient (the unit of ``fast``), fast
 statistics, and training steps (statistics + transform + Adam): joint (the unit of the
 steps), bogc, mmpareto (before: ``jacrev`` means as in ``bench.py``; after:
-``bj.source_grad_means``). Interleaved repeats, medians; each model in its own process.
+``bj.source_grad_means``); and the bogc update alone on given fast statistics
+(``update_bogc``). Interleaved repeats, medians; each model in its own process.
 Prints a table, writes JSON.
 
     python benchmarks/prototypes/before_after.py --before main --models mlp512,cnn --batch 128
@@ -76,6 +77,18 @@ def steps(bj, model, n):
     for kind in ("joint", "bogc", "mmpareto"):
         step, state = training_step(bj, kind, losses_fn, forward, params, labels, n)
         fns[f"step_{kind}"] = compiled(step, params, state, batch)
+    # The bogc update alone, on statistics computed once (outside the timed call).
+    stats = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))(
+        params, batch
+    )
+    tx = bj.bogc(3, kappa=1.0, gamma=1.0)
+    fns["update_bogc"] = compiled(
+        lambda g, s, p, gs: tx.update(g, s, p, grad_stats=gs),
+        stats.fixed_weight_grads(),
+        tx.init(params),
+        params,
+        stats,
+    )
     return fns
 
 
@@ -171,6 +184,7 @@ def main(argv=None):
             row.update({f"compile_{name}": fns[(t, name)][2] for (t, name) in fns if t == tag})
             row["fast/grad"] = row["fast"] / row["grad"]
             row["bogc/joint"] = row["step_bogc"] / row["step_joint"]
+            row["update_bogc/grad"] = row["update_bogc"] / row["grad"]
             row["mmpareto/joint"] = row["step_mmpareto"] / row["step_joint"]
             joint_compile = row["compile_step_joint"]
             for kind in ("bogc", "mmpareto"):
@@ -182,7 +196,8 @@ def main(argv=None):
             print(
                 f"{model:8s} {tag:6s} grad {row['grad']:7.1f} ms  fast {row['fast']:7.1f} ms "
                 f"({row['fast/grad']:.2f}x)  joint {row['step_joint']:7.1f} ms  bogc "
-                f"{row['step_bogc']:7.1f} ms ({row['bogc/joint']:.2f}x)  mmpareto "
+                f"{row['step_bogc']:7.1f} ms ({row['bogc/joint']:.2f}x)  update "
+                f"{row['update_bogc']:6.1f} ms  mmpareto "
                 f"{row['step_mmpareto']:7.1f} ms ({row['mmpareto/joint']:.2f}x)  compile bogc "
                 f"{row['compile bogc/joint']:.1f}x mmpareto {row['compile mmpareto/joint']:.1f}x",
                 flush=True,
