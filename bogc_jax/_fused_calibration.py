@@ -205,18 +205,23 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
         delta = delta + shift[s] * mu[s]
 
     # Sums over the leaf: sum_d A_s (the last source's is minus the others'); per source,
-    # its touched count (NaN where an entry is not finite or a variance is negative) and
-    # the number of coordinates touched by exactly s + 1 sources. XLA:CPU sums an array
-    # in memory, so each sum writes one array from what it needs alone (a table of the
-    # sources side by side would evaluate every source's expression at every entry).
+    # its touched count |T_s| (NaN where an entry is not finite or a variance is
+    # negative); and C_k = #{d : |T_d| >= k} for k = 2..S, which give H_k = C_k - C_{k+1}
+    # (C_{S+1} = 0) and H_1 = sum_s |T_s| - sum_{k >= 2} k H_k. XLA:CPU sums an array in
+    # memory, so each sum writes one array from what it needs alone, two sums per pass as
+    # one complex array (a table of the sources side by side would evaluate every
+    # source's expression at every entry).
     shift_sums = jnp.concatenate([shift_sums, -jnp.sum(shift_sums, keepdims=True)])
-    n_stored = lax.optimization_barrier(n)
-    touch_counts, histogram = [], []
+    summands = []
     for s in range(num_sources):
         ok = jnp.isfinite(mu[s]) & jnp.isfinite(var[s]) & (var[s] >= 0)
-        touch_counts.append(jnp.sum(jnp.where(ok, touched[s].astype(dtype), jnp.nan)))
-        histogram.append(jnp.sum((n_stored == s + 1).astype(dtype)))
-    touch_counts, histogram = jnp.stack(touch_counts), jnp.stack(histogram)
+        summands.append(jnp.where(ok, touched[s].astype(dtype), jnp.nan))
+    summands += [(n >= k).astype(dtype) for k in range(2, num_sources + 1)]
+    sums = jnp.concatenate([_stored(summands[i : i + 2])[1] for i in range(0, len(summands), 2)])
+    touch_counts, at_least = sums[:num_sources], sums[num_sources:]  # C_2 .. C_S
+    multiple = at_least - jnp.concatenate([at_least[1:], jnp.zeros((1,), dtype)])  # H_2 ..
+    single = jnp.sum(touch_counts) - jnp.sum(jnp.arange(2, num_sources + 1) * multiple)
+    histogram = jnp.concatenate([single[None], multiple])
     weights = jnp.where(
         touch_counts > 0, (shift_sums + touch_counts) / jnp.maximum(touch_counts, 1), 0.0
     )

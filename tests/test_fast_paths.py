@@ -4,10 +4,12 @@ sources at once (input shared, cotangents side by side) and the means-only stati
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bogc_jax as bj
+from bogc_jax._fast_stats import dense as fast_dense
 
 
 def ce(logits, y):
@@ -101,6 +103,87 @@ def test_dense_sources_of_very_different_scales_in_the_cancelling_regime():
         var, mean = g.var(axis=0, ddof=1), g.mean(0)
         np.testing.assert_allclose(fast.var["w"][s], var, rtol=1e-4, atol=1e-6 * var.max())
         np.testing.assert_allclose(fast.mean["w"][s], mean, rtol=1e-5, atol=1e-6 * abs(mean).max())
+
+
+def _float64_moments(x, cotangent):
+    """Mean and variance (ddof 1) over examples of ``x_i (x) cotangent_i``, in float64."""
+    g = np.asarray(x, np.float64)[:, :, None] * np.asarray(cotangent, np.float64)[:, None, :]
+    return g.mean(0), g.var(axis=0, ddof=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    c=st.integers(1, 5),
+    f=st.integers(1, 5),
+    zero_rate=st.floats(0.0, 0.3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_zero_count_that_passes_bounds_every_coordinates_cancellation(n, c, f, zero_rate, seed):
+    """Where the dense rule skips the check on the products (enough zeros in every input
+    column or every cotangent column), no coordinate has ``n mean**2 / m2`` above the
+    limit: inputs and cotangents nearly constant, so only the zeros keep it down."""
+    rng = np.random.default_rng(seed)
+    a = (3.0 + 0.01 * rng.normal(size=(n, 1, c))) * (rng.random((n, 1, c)) >= zero_rate)
+    d = (2.0 + 0.01 * rng.normal(size=(n, 1, f))) * (rng.random((n, 1, f)) >= zero_rate)
+    a, d = a.astype(np.float32), d.astype(np.float32)
+    op = fast_dense._Scaled(jnp.asarray(a), jnp.asarray(d), None, None, None)
+    u = a[:, 0, :, None].astype(np.float64) * d[:, 0, None, :]  # [n, c, f]
+    total, squares = u.sum(0), (u**2).sum(0)
+    ratio = total**2 / np.maximum(n * squares - total**2, 1e-300)
+    if bool(fast_dense._cannot_cancel(op)):
+        assert ratio.max() <= fast_dense.CANCELLATION_LIMIT * (1 + 1e-6)
+
+
+def _wide_dense_model(cancelling: bool, small_cancelling: bool = False):
+    """A dense leaf with more than ``SMALL_PRODUCT`` entries in its products (two sources
+    side by side), and a small one; either may be in the cancelling regime."""
+    n, d, out = 48, 160, 256
+    assert d * 2 * out > fast_dense.SMALL_PRODUCT
+    rng = np.random.default_rng(5)
+    offset = 500.0 if cancelling else 0.0
+    x = (offset + rng.normal(size=(n, d))).astype(np.float32)
+    if not cancelling:
+        x = np.maximum(x, 0.0)  # ReLU features: zeros in every column
+    c = (1.0 + 0.01 * rng.normal(size=(n, 2))).astype(np.float32)
+    z = ((500.0 if small_cancelling else 0.0) + rng.normal(size=(n, 3))).astype(np.float32)
+    params = {
+        "w": (rng.normal(size=(d, out)) / d).astype(np.float32),
+        "v": rng.normal(size=(3, 2)).astype(np.float32),
+    }
+
+    def losses_fn(p, b):
+        x, c, z = b
+        y, small = x @ p["w"], z @ p["v"]
+        return jnp.stack([c[:, 0] * y[:, 0] + small[:, 0], c[:, 1] * y[:, 1] + small[:, 1]])
+
+    # Per source, the cotangents of w (column s: c[:, s]) and of v (column s: 1).
+    truth = {"w": [], "v": []}
+    for s in range(2):
+        delta = np.zeros((n, out))
+        delta[:, s] = c[:, s]
+        truth["w"].append(_float64_moments(x, delta))
+        delta = np.zeros((n, 2))
+        delta[:, s] = 1.0
+        truth["v"].append(_float64_moments(z, delta))
+    return losses_fn, params, (x, c, z), truth
+
+
+@pytest.mark.parametrize(
+    "cancelling, small_cancelling", [(False, False), (True, False), (False, True)]
+)
+def test_wide_dense_leaves_against_float64_truth(cancelling, small_cancelling):
+    """Wide leaves share one check: ReLU inputs pass the zero count and take the two-product
+    form; inputs far from zero, or a small leaf that cancels, send every leaf to its own
+    check and the wide one to the centred form where it cancels."""
+    losses_fn, params, batch, truth = _wide_dense_model(cancelling, small_cancelling)
+    fast = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))
+    got = fast(params, batch)
+    for name in ("w", "v"):
+        for s, (mean, var) in enumerate(truth[name]):
+            np.testing.assert_allclose(got.var[name][s], var, rtol=1e-4, atol=1e-6 * var.max())
+            atol = 1e-6 * abs(mean).max()
+            np.testing.assert_allclose(got.mean[name][s], mean, rtol=1e-5, atol=atol)
 
 
 @settings(max_examples=3, deadline=None)

@@ -20,7 +20,10 @@ centred inputs ``x' = x - mean(x)`` (``d' = delta - mean(delta)``, ``c = (1/n) s
            + 2 mean(x) sum_i x'_i delta_i d'_i                       (three products)
 
 which is exact too and squares only centred terms. The ``[n, D, K]`` per-example
-gradients are never formed.
+gradients are never formed. Checking the ratio is a pass over the products; it is skipped
+where a count of zeros rules cancellation out (a per-example gradient that is zero for
+``k`` of the ``n`` examples has a ratio of at most ``(n - k) / k``: ReLU features and the
+cotangents behind a ReLU), one decision for all the wide layers of the program.
 
 The layers are found in the program of ``losses_fn`` itself, so models need no change:
 the per-example losses are traced to a jaxpr (nested ``jit`` calls and ``checkpoint``

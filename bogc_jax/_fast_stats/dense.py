@@ -27,6 +27,10 @@ from bogc_jax._fast_stats.plan import Plan, dot_dims
 # place; above this ratio it is recomputed from centred inputs (three products, not two).
 CANCELLATION_LIMIT = 64.0
 
+# A leaf whose products have at most this many entries is checked for cancellation on the
+# products themselves (a cheap pass there); larger ones by counting zeros of the operands.
+SMALL_PRODUCT = 1 << 16
+
 
 @dataclasses.dataclass
 class Canonical:
@@ -215,6 +219,86 @@ def _products(a, d):
     )
 
 
+@dataclasses.dataclass
+class _Scaled:
+    """A dense leaf's operands with every column divided by a power of two (exact).
+
+    ``a``: ``[n, g, c]`` inputs; ``d``: ``[n, g, S f]`` cotangents of the ``S`` sources side
+    by side; ``scale_a`` (``[g, c]``) and ``scale_d`` (``[g, S f]``) undo the division;
+    ``layout`` maps ``[g, c, S f]`` to ``[S, *leaf_shape]``.
+    """
+
+    a: jax.Array
+    d: jax.Array
+    scale_a: jax.Array
+    scale_d: jax.Array
+    layout: Callable
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def product_size(self) -> int:
+        """Entries of one product ``[g, c, S f]``."""
+        return self.a.shape[1] * self.a.shape[2] * self.d.shape[2]
+
+
+def _scaled(job: kernels.LeafJob) -> _Scaled:
+    a, d, layout = _dense_operands(job)
+    scale_a, inverse_a = _power_of_two_scale(a, 0)  # [g, c]
+    scale_d, inverse_d = _power_of_two_scale(d, 0)  # [g, S f]
+    return _Scaled(a * inverse_a, d * inverse_d, scale_a, scale_d, layout)
+
+
+def _cannot_cancel(op: _Scaled):
+    """True when no coordinate of the leaf can reach the cancellation limit ``L``.
+
+    A per-example gradient ``u_i = a_i d_i`` that is zero for ``k`` of the ``n`` examples
+    has ``n sum u**2 - (sum u)**2 >= (sum u)**2 k / (n - k)`` (Cauchy-Schwarz over its
+    ``n - k`` other terms), so its ratio ``n mean**2 / m2`` is at most ``(n - k) / k``,
+    which is at most ``L`` once ``k >= n / (1 + L)``. Coordinate ``(c, f)`` has at least
+    as many zeros as input column ``c`` and as cotangent column ``f``; it is enough that,
+    in every group, all input columns or all cotangent columns have that many (ReLU
+    features and the cotangents behind a ReLU usually do). Counting is a pass over the
+    ``[n, c]`` and ``[n, S f]`` operands, not over the ``[c, S f]`` products.
+    """
+    needed = math.ceil(op.n / (1.0 + CANCELLATION_LIMIT))
+
+    def fewest_zeros(x):  # [n, g, k] -> [g]
+        counts = kernels.sum_examples((x == 0).astype(x.dtype), 0)
+        return jnp.min(counts, axis=-1)
+
+    return jnp.all((fewest_zeros(op.a) >= needed) | (fewest_zeros(op.d) >= needed))
+
+
+def _finish(op: _Scaled, total, m2):
+    """``(mean, m2)`` in the leaf's layout, the column scales undone."""
+    factor = op.scale_a[:, :, None] * op.scale_d[:, None, :]  # [g, c, S f]
+    mean = total * (factor / op.n)
+    m2 = (jnp.maximum(m2, 0.0) * factor) * factor  # not factor**2, which may overflow
+    return op.layout(mean), op.layout(m2)
+
+
+def _may_cancel(n: int, total, squares):
+    """True where ``squares - total**2 / n`` would lose more than ``L`` units in the last
+    place somewhere: ``(1 + L) total**2 > L n squares``, ``L`` the cancellation limit."""
+    limit = CANCELLATION_LIMIT
+    return jnp.any((1.0 + limit) * jnp.square(total) > (limit * n) * squares)
+
+
+def _checked(op: _Scaled):
+    """The two-product form, recomputed from centred inputs where it would cancel."""
+    n = op.n
+    total, squares = _products(op.a, op.d)  # sum_i a_i d_i and sum_i a_i**2 d_i**2
+    # The check is the only pass over the products before the fusions that write the
+    # leaf's statistics: otherwise the branch hands back the products' buffer unchanged
+    # (only the branch's output is read afterwards, so that it may reuse that buffer).
+    risky = _may_cancel(n, total, squares)
+    out = jax.lax.cond(risky, lambda: _centred_m2(op.a, op.d, n), lambda: squares)
+    return _finish(op, total, jnp.where(risky, out, out - jnp.square(total) / n))
+
+
 def dense_moments(job: kernels.LeafJob):
     """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example).
 
@@ -228,26 +312,47 @@ def dense_moments(job: kernels.LeafJob):
 
     Returns ``(mean, m2)`` of shape ``[len(sources), *leaf_shape]``.
     """
-    a, d, layout = _dense_operands(job)
-    n = a.shape[0]
-    scale_a, inverse_a = _power_of_two_scale(a, 0)  # [g, c]
-    scale_d, inverse_d = _power_of_two_scale(d, 0)  # [g, S f]
-    a, d = a * inverse_a, d * inverse_d
-    total, squares = _products(a, d)  # sum_i a_i d_i and sum_i a_i**2 d_i**2
-    # m2 = squares - total**2 / n loses about n mean**2 / m2 units in the last place:
-    # where that exceeds CANCELLATION_LIMIT (L), i.e. (1 + L) total**2 > L n squares, m2 is
-    # recomputed from centred inputs (rare for noisy per-example gradients). The check is
-    # the only pass over the products before the fusions that write the leaf's
-    # statistics: otherwise the branch hands back the products' buffer unchanged.
-    limit = CANCELLATION_LIMIT
-    risky = jnp.any((1.0 + limit) * jnp.square(total) > (limit * n) * squares)
-    # (Only the branch's output is read afterwards, so that it may reuse that buffer.)
-    out = jax.lax.cond(risky, lambda: _centred_m2(a, d, n), lambda: squares)
-    m2 = jnp.where(risky, out, out - jnp.square(total) / n)
-    factor = scale_a[:, :, None] * scale_d[:, None, :]  # [g, c, S f]
-    mean = total * (factor / n)
-    m2 = (jnp.maximum(m2, 0.0) * factor) * factor  # not factor**2, which may overflow
-    return layout(mean), layout(m2)
+    return _checked(_scaled(job))
+
+
+def dense_leaves_moments(jobs: list[kernels.LeafJob], place: Callable) -> list:
+    """``place(job, mean, m2)`` for several dense leaves, checked for cancellation at once.
+
+    ``(mean, m2)`` is what :func:`dense_moments` gives for the job, and ``place`` puts them
+    where the caller wants them (every source's slot) inside the branch below, so that the
+    outputs are written once. One branch serves all the leaves: when none of them can
+    cancel, each takes the two-product form with no pass over its products and no branch
+    of its own; otherwise each is checked as :func:`dense_moments` checks it. A leaf whose
+    products have at most :data:`SMALL_PRODUCT` entries is checked on its products,
+    computed before the branch; a larger one by the zero count of :func:`_cannot_cancel`.
+    One branch for the program costs nothing measurable on XLA:CPU, where one per leaf is
+    a synchronisation point costing about a tenth of the statistics' time.
+    """
+    ops = [_scaled(job) for job in jobs]
+    small = {
+        i: _products(op.a, op.d) for i, op in enumerate(ops) if op.product_size <= SMALL_PRODUCT
+    }
+    large = [i for i in range(len(ops)) if i not in small]
+    safe = [~_may_cancel(ops[i].n, *small[i]) for i in small]
+    safe += [_cannot_cancel(ops[i]) for i in large]
+
+    def unchecked():
+        # The large products are formed here, from operands behind a barrier: both
+        # branches form them from the same operands, and XLA would otherwise hoist them
+        # out of the branch, leaving it the output passes alone, with nothing to overlap.
+        held = dict(zip(large, jax.lax.optimization_barrier([(ops[i].a, ops[i].d) for i in large])))
+        out = []
+        for i, (job, op) in enumerate(zip(jobs, ops)):
+            total, squares = small[i] if i in small else _products(*held[i])
+            out.append(place(job, *_finish(op, total, squares - jnp.square(total) / op.n)))
+        return out
+
+    def checked():
+        return [place(job, *_checked(op)) for job, op in zip(jobs, ops)]
+
+    if not jobs:
+        return []
+    return jax.lax.cond(jnp.all(jnp.stack(safe)), unchecked, checked)
 
 
 def positions_moments(job: kernels.LeafJob):

@@ -3,7 +3,9 @@
 The program is traced and planned once, the taps' cotangents come from one backward pass
 per source, and each leaf's moments come from ``RULES[plan.rule]`` (all rules take a
 :class:`~bogc_jax._fast_stats.kernels.LeafJob` and return ``(mean, m2)`` for the sources
-that reach the leaf; the others get exact zeros). Leaves no rule serves (plan ``"vmap"``)
+that reach the leaf; the others get exact zeros). The dense leaves are served together
+(:func:`~bogc_jax._fast_stats.dense.dense_leaves_moments`), sharing one check for
+cancellation. Leaves no rule serves (plan ``"vmap"``)
 get the chunked ``vmap`` reference with ``method="auto"`` and an error naming them with
 ``method="fast"``.
 """
@@ -21,7 +23,7 @@ from bogc_jax import _moments, _per_example
 from bogc_jax._fast_stats import kernels
 from bogc_jax._fast_stats import program as prog
 from bogc_jax._fast_stats.cotangents import cotangents
-from bogc_jax._fast_stats.dense import dense_moments, positions_moments
+from bogc_jax._fast_stats.dense import dense_leaves_moments, dense_moments, positions_moments
 from bogc_jax._fast_stats.embedding import embedding_moments
 from bogc_jax._fast_stats.per_leaf import per_leaf_moments
 from bogc_jax._fast_stats.plan import Program, trace
@@ -85,15 +87,26 @@ def _scatter_sources(values, sources, num_sources, shape, dtype):
     )
 
 
-def _leaf_moments(job: kernels.LeafJob, num_sources: int, shape) -> tuple:
-    """``(mean, m2)`` of one leaf for every source (zeros where no source reaches it)."""
-    if not job.sources:
-        zeros = jnp.zeros((num_sources,) + shape, job.dtype)
-        return zeros, zeros
-    mean, m2 = RULES[job.plan.rule](job)
-    return tuple(
-        _scatter_sources(x, job.sources, num_sources, shape, job.dtype) for x in (mean, m2)
-    )
+def _leaves_moments(jobs: list[kernels.LeafJob], num_sources: int, shapes) -> list:
+    """``(mean, m2)`` of each job's leaf for every source (zeros where none reaches it).
+
+    Dense leaves go to :func:`dense_leaves_moments` together (they share one check for
+    cancellation), the others to their rule one by one.
+    """
+
+    def place(job, mean, m2):
+        shape = shapes[job.k]
+        return tuple(
+            _scatter_sources(x, job.sources, num_sources, shape, job.dtype) for x in (mean, m2)
+        )
+
+    dense = [i for i, job in enumerate(jobs) if RULES[job.plan.rule] is dense_moments]
+    results = [
+        None if i in dense else place(job, *RULES[job.plan.rule](job)) for i, job in enumerate(jobs)
+    ]
+    for i, moments in zip(dense, dense_leaves_moments([jobs[i] for i in dense], place)):
+        results[i] = moments
+    return results
 
 
 def _vmap_leaves(losses_fn, treedef, param_leaves, ks, batch, n, num_sources):
@@ -132,15 +145,22 @@ def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments
 
     means: list = [None] * len(plans)
     m2s: list = [None] * len(plans)
+    jobs = []
+    shapes = [tuple(jnp.shape(x)) for x in param_leaves]
     for k, plan in enumerate(plans):
         if plan.rule == "vmap":
             continue
         nodes_k = [node for node, _ in plan.uses]
         sources = [s for s in range(num_sources) if any((s, nd.index) in deltas for nd in nodes_k)]
         dtype = _moments.accumulation_dtype(jnp.result_type(param_leaves[k]))
-        job = kernels.LeafJob(program, k, plan, base_env, inputs, deltas, sources, n, dtype)
-        shape = tuple(jnp.shape(param_leaves[k]))
-        means[k], m2s[k] = _leaf_moments(job, num_sources, shape)
+        if sources:
+            jobs.append(
+                kernels.LeafJob(program, k, plan, base_env, inputs, deltas, sources, n, dtype)
+            )
+        else:  # no source reaches the leaf
+            means[k] = m2s[k] = jnp.zeros((num_sources,) + shapes[k], dtype)
+    for job, (mean, m2) in zip(jobs, _leaves_moments(jobs, num_sources, shapes)):
+        means[job.k], m2s[job.k] = mean, m2
 
     if unsupported:
         means_u, m2s_u = _vmap_leaves(
