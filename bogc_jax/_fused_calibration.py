@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bogc_jax import _scale
+
 MAX_SOURCES = 3
 """The products ``P_s`` of ``S - 1`` factors in ``[1e-30, 2 n)`` stay finite up to here."""
 
@@ -57,15 +59,9 @@ def applies(num_sources: int, aggregation, gamma, kappa, prior_weight) -> bool:
     )
 
 
-def _biased_exponent(x: jax.Array) -> jax.Array:
-    """The biased exponent field of float32 ``x >= 0`` (0 for zero, 255 for inf/NaN)."""
-    return (lax.bitcast_convert_type(x, jnp.int32) >> 23) & 0xFF
-
-
 def _power_of_two(biased: jax.Array) -> jax.Array:
     """``2 ** (127 - biased)`` as float32, for a biased exponent clipped to ``[1, 253]``."""
-    biased = jnp.clip(biased, 1, _EXPONENT_MAX)
-    return lax.bitcast_convert_type((254 - biased) << 23, jnp.float32)
+    return _scale.power_of_two(254 - jnp.clip(biased, 1, _EXPONENT_MAX), jnp.float32)
 
 
 def _per_count(values, count: jax.Array, dtype) -> jax.Array:
@@ -115,8 +111,8 @@ def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
     # The unit: 2**-k with 2**k the largest |mu| or std at the coordinate, to a factor 2.
     exponent = jnp.zeros(count.shape, jnp.int32)
     for s in range(num_sources):
-        from_mean = _biased_exponent(jnp.abs(mean[s]))
-        from_var = jnp.where(v[s] > 0, (_biased_exponent(v[s]) + 127) // 2, 0)
+        from_mean = _scale.biased_exponent(jnp.abs(mean[s]))
+        from_var = jnp.where(v[s] > 0, (_scale.biased_exponent(v[s]) + 127) // 2, 0)
         exponent = jnp.maximum(exponent, jnp.where(touched[s], jnp.maximum(from_mean, from_var), 0))
     unit = _power_of_two(exponent)
     square_sum = jnp.zeros(count.shape, dtype)
@@ -129,7 +125,7 @@ def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
         noise_sum = noise_sum + jnp.where(touched[s], noise[s], 0.0)
     mean_noise = noise_sum * inv_n
     mean_noise = jnp.where(mean_noise > 0, mean_noise, 1.0)
-    scale = _power_of_two(_biased_exponent(mean_noise))  # mean_noise * scale in [1, 2)
+    scale = _power_of_two(_scale.biased_exponent(mean_noise))  # mean_noise * scale in [1, 2)
     least = 1e-30 * (mean_noise * scale)  # the clamp r >= 1e-30, in these units
     return [
         jnp.where(touched[s], jnp.maximum(noise[s] * scale, least), 1.0) for s in range(num_sources)

@@ -1,5 +1,6 @@
-"""Scale-safe helpers: a divisor that keeps sums of squares finite, and logarithms of
-hyper-parameters taken before they are cast to float32."""
+"""Scale-safe helpers: a divisor that keeps sums of squares finite, powers of two read
+from a float's exponent bits, and logarithms of hyper-parameters taken before they are
+cast to float32."""
 
 from __future__ import annotations
 
@@ -18,6 +19,29 @@ def max_abs(xs: Sequence[jax.Array]) -> jax.Array:
     """
     top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in xs]))
     return jnp.where(top > 0, top, 1.0)
+
+
+def _bit_layout(dtype) -> tuple[int, int, type]:
+    """``(mantissa bits, exponent bias, integer type of the same width)`` of a float dtype."""
+    info = jnp.finfo(dtype)
+    int_type = {4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+    return info.nmant, info.maxexp - 1, int_type
+
+
+def biased_exponent(x: jax.Array) -> jax.Array:
+    """The biased exponent field of float32 or float64 ``x`` (0 for zero and subnormals,
+    all ones for inf and NaN): ``|x|`` is in ``[2**(e - bias), 2**(e - bias + 1))``."""
+    bits, bias, int_type = _bit_layout(x.dtype)
+    return (jax.lax.bitcast_convert_type(x, int_type) >> bits) & (2 * bias + 1)
+
+
+def power_of_two(biased: jax.Array, dtype) -> jax.Array:
+    """``2 ** (biased - bias)`` as ``dtype``, built from its bits: exact, no ``pow``.
+
+    ``biased`` must lie in ``[1, 2 * bias]`` (normal numbers: 1 to 254 in float32).
+    """
+    bits, _, int_type = _bit_layout(dtype)
+    return jax.lax.bitcast_convert_type(biased.astype(int_type) << bits, dtype)
 
 
 def log_of(value, dtype) -> jax.Array:

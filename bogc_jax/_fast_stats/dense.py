@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bogc_jax import _scale
 from bogc_jax._fast_stats import kernels
 from bogc_jax._fast_stats.plan import Plan, dot_dims
 
@@ -149,13 +150,9 @@ def _power_of_two_scale(x, axis: int):
     ``frexp``/``ldexp`` per entry would cost more than the products' inputs themselves.
     """
     peak = jnp.max(jnp.abs(x), axis=axis)
-    info = jnp.finfo(x.dtype)
-    bits = info.nmant  # mantissa bits: 23 (float32), 52 (float64)
-    bias = info.maxexp - 1  # 127, 1023
-    int_type = jnp.int32 if x.dtype == jnp.float32 else jnp.int64
-    biased = (jax.lax.bitcast_convert_type(peak, int_type) >> bits) & (2 * bias + 1)
-    biased = jnp.clip(biased, 1, 2 * bias)  # subnormal peaks: 2**-126 (float32)
-    scale = jax.lax.bitcast_convert_type(biased.astype(int_type) << bits, x.dtype)
+    top = 2 * (jnp.finfo(x.dtype).maxexp - 1)  # 254 (float32), 2046 (float64)
+    biased = jnp.clip(_scale.biased_exponent(peak), 1, top)  # subnormal peaks: 2**-126
+    scale = _scale.power_of_two(biased, x.dtype)
     scale = jnp.where(jnp.isfinite(peak) & (peak > 0), scale, jnp.ones_like(peak))
     return jax.lax.optimization_barrier((scale, 1.0 / scale))
 
