@@ -13,7 +13,9 @@ run measures side by side:
   source) and BackPACK's ``Variance`` extension (one backward pass per source), when
   they are installed.
 
-Times are medians over interleaved repeats (the machine may be shared). Peak memory:
+Times are medians over interleaved repeats (the machine may be shared); on a CPU each row
+(model and batch size) is measured in a fresh process (``--isolate``), since a process
+that has run a large model measures the next on a fragmented heap. Peak memory:
 JAX, from the compiled program (``memory_analysis``: temporaries + outputs); PyTorch,
 the rise of the process's peak resident memory (``VmHWM``, reset after start-up) over
 the measured calls, each peer in a fresh process. Prints a table and writes JSON to benchmarks/results/.
@@ -618,6 +620,82 @@ QUICK_SUITES = {
 }
 
 
+ROW_MARK = "bench-row: "
+
+
+def row_in_fresh_process(argv, model: str, n: int, sweep: str) -> tuple[dict, list]:
+    """:func:`measure_row` in a new Python process (same arguments): ``(row, notes)``."""
+    rest = list(argv if argv is not None else sys.argv[1:])
+    cmd = [sys.executable, os.path.abspath(__file__), *rest]
+    cmd += ["--row-worker", json.dumps([model, n, sweep])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(ROW_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"measuring {model} B={n} in a fresh process failed "
+            f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    result = json.loads(lines[-1][len(ROW_MARK) :])
+    return result["row"], result["notes"]
+
+
+def measure_row(args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack):
+    """One row of the tables: the JAX functions (and PyTorch peers) of ``model`` at batch
+    ``n``, timed side by side. Returns ``(row, notes)``."""
+    size = model_size(model, args.quick)
+    train = n in train_sizes and sweep == "batch" or sweep == "params"
+    fns, num_params, model_notes = jax_functions(
+        model, size, n, train, stats=stats, steps=steps if train else ()
+    )
+    per_example_bytes = n * NUM_SOURCES * num_params * 4
+    row = {
+        "model": model,
+        "sweep": sweep,
+        "batch": n,
+        "params": int(num_params),
+        "pid": os.getpid(),  # rows measured in fresh processes (--isolate) differ here
+        "jax": {},
+        "torch": {},
+    }
+    skipped = []
+    for name in ("vmap", "vmap_chunked"):
+        limit = args.vmap_max_gib * 2**30 * (CHUNK / n if name == "vmap_chunked" else 1)
+        if name in fns and per_example_bytes > limit:
+            skipped.append(name)
+            row["jax"][name] = {"skipped": f"B x S x P = {per_example_bytes / 2**30:.1f} GiB"}
+    for name, (fn, fn_args) in list(fns.items()):
+        if name in skipped:
+            continue
+        compiled, mem, seconds, ops = compile_with_memory(fn, *fn_args)
+        fns[name] = (compiled, fn_args)  # compiled ahead: no warm-up call
+        row["jax"].setdefault(name, {}).update(peak_mib=mem, compile_s=seconds, ops=ops)
+    times = time_interleaved(
+        {k: v for k, v in fns.items() if k not in skipped}, args.repeats, clock=args.clock
+    )
+    for name, t in times.items():
+        row["jax"][name]["time_s"] = t
+        row["jax"][name]["ratio"] = t / times["grad"]
+    if "step_joint" in times:
+        joint = row["jax"]["step_joint"]
+        for name in [k for k in times if k.startswith("step_")]:
+            e = row["jax"][name]
+            e["ratio"] = times[name] / times["step_joint"]
+            e["compile_ratio"] = e["compile_s"] / joint["compile_s"]
+    if has_torch and sweep == "batch":
+        for method in ("grad", "func") + (("backpack",) if has_backpack else ()):
+            if method == "backpack" and model_family(model) == "transformer":
+                row["torch"][method] = {
+                    "error": "unsupported: BackPACK's Variance has no "
+                    "LayerNorm, MultiheadAttention or free-Parameter rule"
+                }
+                continue
+            if method == "func" and per_example_bytes > 64 * SKIP_ABOVE_BYTES:
+                row["torch"][method] = {"error": "skipped: too slow at this size"}
+                continue
+            row["torch"][method] = run_torch(model, size, n, method, args)
+    return row, model_notes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -664,7 +742,15 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     parser.add_argument("--plot", default=None, help="PNG path (default: beside the JSON)")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure each row in a fresh process (default: on a CPU): a process that has "
+        "run a large model measures the next one on a fragmented heap",
+    )
     parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--row-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.torch_worker:
@@ -713,62 +799,28 @@ def main(argv=None):
         )
     if has_torch and not has_backpack:
         notes.append("backpack-for-pytorch is not installed: BackPACK is skipped")
+    if args.row_worker:
+        model, n, sweep = json.loads(args.row_worker)
+        row, row_notes = measure_row(
+            args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
+        )
+        print(ROW_MARK + json.dumps({"row": row, "notes": row_notes}))
+        return None
+    isolate = args.isolate
+    if isolate is None:
+        isolate = jax.default_backend() == "cpu" and len(plan) > 1
     started = time.perf_counter()
     for model, n, sweep in plan:
         if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
             notes.append(f"time budget ({args.budget_s:.0f} s) spent: skipped {model} B={n}")
             continue
-        size = model_size(model, args.quick)
-        train = n in train_sizes and sweep == "batch" or sweep == "params"
-        fns, num_params, model_notes = jax_functions(
-            model, size, n, train, stats=stats, steps=steps if train else ()
-        )
-        notes.extend(x for x in model_notes if x not in notes)
-        per_example_bytes = n * NUM_SOURCES * num_params * 4
-        row = {
-            "model": model,
-            "sweep": sweep,
-            "batch": n,
-            "params": int(num_params),
-            "jax": {},
-            "torch": {},
-        }
-        skipped = []
-        for name in ("vmap", "vmap_chunked"):
-            limit = args.vmap_max_gib * 2**30 * (CHUNK / n if name == "vmap_chunked" else 1)
-            if name in fns and per_example_bytes > limit:
-                skipped.append(name)
-                row["jax"][name] = {"skipped": f"B x S x P = {per_example_bytes / 2**30:.1f} GiB"}
-        for name, (fn, fn_args) in list(fns.items()):
-            if name in skipped:
-                continue
-            compiled, mem, seconds, ops = compile_with_memory(fn, *fn_args)
-            fns[name] = (compiled, fn_args)  # compiled ahead: no warm-up call
-            row["jax"].setdefault(name, {}).update(peak_mib=mem, compile_s=seconds, ops=ops)
-        times = time_interleaved(
-            {k: v for k, v in fns.items() if k not in skipped}, args.repeats, clock=args.clock
-        )
-        for name, t in times.items():
-            row["jax"][name]["time_s"] = t
-            row["jax"][name]["ratio"] = t / times["grad"]
-        if "step_joint" in times:
-            joint = row["jax"]["step_joint"]
-            for name in [k for k in times if k.startswith("step_")]:
-                e = row["jax"][name]
-                e["ratio"] = times[name] / times["step_joint"]
-                e["compile_ratio"] = e["compile_s"] / joint["compile_s"]
-        if has_torch and sweep == "batch":
-            for method in ("grad", "func") + (("backpack",) if has_backpack else ()):
-                if method == "backpack" and model_family(model) == "transformer":
-                    row["torch"][method] = {
-                        "error": "unsupported: BackPACK's Variance has no "
-                        "LayerNorm, MultiheadAttention or free-Parameter rule"
-                    }
-                    continue
-                if method == "func" and per_example_bytes > 64 * SKIP_ABOVE_BYTES:
-                    row["torch"][method] = {"error": "skipped: too slow at this size"}
-                    continue
-                row["torch"][method] = run_torch(model, size, n, method, args)
+        if isolate:
+            row, row_notes = row_in_fresh_process(argv, model, n, sweep)
+        else:
+            row, row_notes = measure_row(
+                args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
+            )
+        notes.extend(x for x in row_notes if x not in notes)
         rows.append(row)
         print(row_line(row), flush=True)
         write(out, make_result(args, jax, notes, rows))

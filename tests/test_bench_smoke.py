@@ -44,3 +44,23 @@ def test_gpu_suite_quick_runs_on_cpu(tmp_path):
     png = tmp_path / "scaling.png"
     assert bench.plot(dict(result, rows=[row, second]), str(png))
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("isolate", ["--isolate", "--no-isolate"])
+def test_rows_measured_in_fresh_processes_or_in_one(tmp_path, isolate):
+    out = tmp_path / "bench.json"
+    bench_py = os.path.join(ROOT, "benchmarks", "bench.py")
+    args = ["--suite", "scaling", "--quick", "--no-torch", "--stats", "grad,fast"]
+    args += ["--steps", "joint", "--batch-sizes", "8", "--train-batch-sizes", "8"]
+    args += ["--params-models", "mlp256", "--models", "mlp512", "--out", out, isolate]
+    proc = run_captured([sys.executable, bench_py, *args], env=cpu_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"], r["sweep"]) for r in rows] == [
+        ("mlp512", 8, "batch"),
+        ("mlp256", 8, "params"),
+    ]
+    for row in rows:
+        assert row["jax"]["fast"]["time_s"] > 0 and row["jax"]["step_joint"]["ratio"] == 1.0
+    pids = {row["pid"] for row in rows}
+    assert len(pids) == (2 if isolate == "--isolate" else 1)
