@@ -143,11 +143,14 @@ def jax_model(model: str, size: dict):
             self.aux0 = nnx.Linear(width, CLASSES, rngs=rngs)
             self.aux1 = nnx.Linear(width, CLASSES, rngs=rngs)
 
-        def __call__(self, h0, h1, stop_heads=False):
+        def heads(self, h0, h1, stop_heads=False):
             fused = self.head(jnp.concatenate([h0, h1], -1))
             if stop_heads:  # the auxiliary heads train on features they do not move
                 h0, h1 = jax.lax.stop_gradient(h0), jax.lax.stop_gradient(h1)
             return fused, self.aux0(h0), self.aux1(h1)
+
+        def __call__(self, x0, x1, stop_heads=False):
+            return self.heads(*self.features(x0, x1), stop_heads)
 
     if model == "mlp":
 
@@ -167,12 +170,12 @@ def jax_model(model: str, size: dict):
                     ]
                 )
 
-            def __call__(self, x0, x1, stop_heads=False):
+            def features(self, x0, x1):
                 for layer in self.enc0:
                     x0 = nnx.relu(layer(x0))
                 for layer in self.enc1:
                     x1 = nnx.relu(layer(x1))
-                return super().__call__(x0, x1, stop_heads)
+                return x0, x1
 
     elif model == "cnn":
 
@@ -192,12 +195,12 @@ def jax_model(model: str, size: dict):
                     ]
                 )
 
-            def __call__(self, img, seq, stop_heads=False):
+            def features(self, img, seq):
                 for layer in self.enc0:
                     img = nnx.relu(layer(img))
                 for layer in self.enc1:
                     seq = nnx.relu(layer(seq))
-                return super().__call__(img.mean((1, 2)), seq.mean(1), stop_heads)
+                return img.mean((1, 2)), seq.mean(1)
 
     else:
         d = size["d"]
@@ -228,11 +231,11 @@ def jax_model(model: str, size: dict):
                 )
                 self.enc1 = nnx.Linear(size["feats"], d, rngs=rngs)
 
-            def __call__(self, ids, feats, stop_heads=False):
+            def features(self, ids, feats):
                 x = self.enc0[0](ids) + self.pos[...]
                 for block in self.enc0[1:]:
                     x = block(x)
-                return super().__call__(x.mean(1), nnx.relu(self.enc1(feats)), stop_heads)
+                return x.mean(1), nnx.relu(self.enc1(feats))
 
     net = Net()
     graphdef, params = nnx.split(net, nnx.Param)
@@ -245,10 +248,27 @@ def jax_model(model: str, size: dict):
         logits = nnx.merge(graphdef, p)(x0, x1, stop_heads)
         return jnp.stack([ce(z, y) for z in logits]), logits
 
+    forward.graphdef = graphdef  # type: ignore[attr-defined]
+
     def losses_fn(p, batch):
         return forward(p, batch)[0]
 
     return params, losses_fn, forward
+
+
+def representation_parts(forward):
+    """``(encode, head_params)`` of :func:`jax_model`'s network (``forward`` carries its
+    graph), for ``bj.representation_bogc``: the two modalities' features, and ``(kernel,
+    bias)`` of the fusion head (reading both) and of the two auxiliary heads (one each)."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    def encode(p, batch):
+        return list(nnx.merge(forward.graphdef, p).features(batch[0], batch[1]))
+
+    def head_params(p):
+        return [(p[name]["kernel"][...], p[name]["bias"][...]) for name in ("head", "aux0", "aux1")]
+
+    return encode, head_params
 
 
 def compile_with_memory(jitted, *args):
@@ -333,10 +353,13 @@ def jax_functions(
 
     labels = bj.label_params(params, {"enc0": 0, "enc1": 1}, default=None)
     for name in steps:
-        if name not in ("joint", "joint_uni") and not hasattr(bj, name):
+        needs = {"bogc_repr": "representation_bogc"}.get(name, name)
+        if name not in ("joint", "joint_uni") and not hasattr(bj, needs):
             notes.append(f"bj.{name} is not importable yet: its training step is skipped")
             continue
-        step, state = training_step(bj, name, losses_fn, forward, params, labels, n)
+        step, state = training_step(
+            bj, name, losses_fn, forward, params, labels, n, parts=representation_parts(forward)
+        )
         fns[f"step_{name}"] = (jax.jit(step), (params, state, batch))
     return fns, num_params, notes
 

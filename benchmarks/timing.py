@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-STEP_METHODS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
+STEP_METHODS = ("joint", "joint_uni", "bogc", "bogc_repr", "cggm", "ogm_ge", "mmpareto")
 
 
 def time_interleaved(
@@ -41,7 +41,9 @@ def time_interleaved(
     return {k: sorted(v)[len(v) // 2] for k, v in times.items() if v}
 
 
-def training_step(bj, name: str, losses_fn, forward, params, labels, n: int, means: str = "fast"):
+def training_step(
+    bj, name: str, losses_fn, forward, params, labels, n: int, means: str = "fast", parts=None
+):
     """``(step, state)``: one training step of ``name`` (+ Adam, lr 1e-3), not jitted.
 
     ``step(params, state, batch) -> (params, state)``. ``bj`` is the library module (a
@@ -52,6 +54,10 @@ def training_step(bj, name: str, losses_fn, forward, params, labels, n: int, mea
     - ``bogc``: ``bj.source_grad_stats(method="fast")`` -> ``bj.bogc(3)``;
     - ``cggm``, ``ogm_ge``: the summed losses' gradient and the auxiliary heads' batch
       accuracies -> ``bj.cggm(labels, rho=1.3)`` / ``bj.ogm_ge(labels, alpha=0.1)``;
+    - ``bogc_repr``: ``bj.representation_bogc`` (its defaults: diagonal posteriors,
+      linearised moments) with ``parts = (encode, head_params)`` of the network, the
+      fusion head reading both features and each auxiliary head one; its ``grads``
+      replace the gradient;
     - ``mmpareto``: per-source mean gradients -> ``bj.mmpareto(labels, gamma=1.5)``, the
       means by ``bj.source_grad_means`` (``means="fast"``) or ``jax.jacrev`` of the
       ``[S]`` mean losses (``means="jacrev"``, or where the library has no
@@ -81,6 +87,19 @@ def training_step(bj, name: str, losses_fn, forward, params, labels, n: int, mea
     }
     tx = optax.chain(transforms.get(name, optax.identity)(), optax.adam(1e-3))
     use_jacrev = means == "jacrev" or not hasattr(bj, "source_grad_means")
+    if name == "bogc_repr":
+        if parts is None:
+            raise ValueError("training_step('bogc_repr') needs parts=(encode, head_params)")
+        encode, head_params = parts
+        heads = [bj.LinearHead((0, 1)), bj.LinearHead((0,)), bj.LinearHead((1,))]
+        method = bj.representation_bogc(encode, head_params, heads, targets_fn=lambda b: b[2])
+
+        def repr_step(p, s, b):
+            grads, method_state, _ = method.grads(p, s[0], b)
+            updates, adam_state = tx.update(grads, s[1], p)
+            return optax.apply_updates(p, updates), (method_state, adam_state)
+
+        return repr_step, (method.init(params), tx.init(params))
 
     def step(p, s, b):
         extra = {}

@@ -10,7 +10,7 @@ import pytest
 from tests._processes import cpu_env, run_captured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("joint", "joint_uni", "bogc", "cggm", "ogm_ge", "mmpareto")
+STEPS = ("joint", "joint_uni", "bogc", "bogc_repr", "cggm", "ogm_ge", "mmpareto")
 
 
 def test_gpu_suite_quick_runs_on_cpu(tmp_path):

@@ -4,8 +4,8 @@ The other revision's ``bogc_jax`` is extracted with ``git archive`` under the na
 ``bogc_jax_before`` (its own imports renamed), so both load in one process. Per model at
 one batch size (three sources): one batch gradient (the unit of ``fast``), fast
 statistics, and training steps (statistics + transform + Adam): joint (the unit of the
-steps), bogc, mmpareto (before: ``jacrev`` means as in ``bench.py``; after:
-``bj.source_grad_means``); and the bogc update alone on given fast statistics
+steps), bogc, bogc_repr (representation-space BOGC, where the revision has it), mmpareto
+(before: ``jacrev`` means as in ``bench.py``; after: ``bj.source_grad_means``); and the bogc update alone on given fast statistics
 (``update_bogc``). Interleaved repeats, medians; each model in its own process.
 Prints a table, writes JSON.
 
@@ -74,8 +74,11 @@ def steps(bj, model, n):
             lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"), params, batch
         ),
     }
-    for kind in ("joint", "bogc", "mmpareto"):
-        step, state = training_step(bj, kind, losses_fn, forward, params, labels, n)
+    parts = bench.representation_parts(forward)
+    for kind in ("joint", "bogc", "bogc_repr", "mmpareto"):
+        if kind == "bogc_repr" and not hasattr(bj, "representation_bogc"):
+            continue
+        step, state = training_step(bj, kind, losses_fn, forward, params, labels, n, parts=parts)
         fns[f"step_{kind}"] = compiled(step, params, state, batch)
     # The bogc update alone, on statistics computed once (outside the timed call).
     stats = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))(
@@ -187,8 +190,10 @@ def main(argv=None):
             row["update_bogc/grad"] = row["update_bogc"] / row["grad"]
             row["mmpareto/joint"] = row["step_mmpareto"] / row["step_joint"]
             joint_compile = row["compile_step_joint"]
-            for kind in ("bogc", "mmpareto"):
-                row[f"compile {kind}/joint"] = row[f"compile_step_{kind}"] / joint_compile
+            for kind in ("bogc", "bogc_repr", "mmpareto"):
+                if f"step_{kind}" in row:
+                    row[f"{kind}/joint"] = row[f"step_{kind}"] / row["step_joint"]
+                    row[f"compile {kind}/joint"] = row[f"compile_step_{kind}"] / joint_compile
             if tag == "after" and args.torch:
                 row["torch"] = torch_peers(model, args)
                 print(f"{model:8s} torch  {row['torch']}", flush=True)
@@ -198,7 +203,8 @@ def main(argv=None):
                 f"({row['fast/grad']:.2f}x)  joint {row['step_joint']:7.1f} ms  bogc "
                 f"{row['step_bogc']:7.1f} ms ({row['bogc/joint']:.2f}x)  update "
                 f"{row['update_bogc']:6.1f} ms  mmpareto "
-                f"{row['step_mmpareto']:7.1f} ms ({row['mmpareto/joint']:.2f}x)  compile bogc "
+                f"{row['step_mmpareto']:7.1f} ms ({row['mmpareto/joint']:.2f}x)  bogc_repr "
+                f"{row.get('bogc_repr/joint', float('nan')):.2f}x  compile bogc "
                 f"{row['compile bogc/joint']:.1f}x mmpareto {row['compile mmpareto/joint']:.1f}x",
                 flush=True,
             )
