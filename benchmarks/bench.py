@@ -646,16 +646,22 @@ QUICK_SUITES = {
 ROW_MARK = "bench-row: "
 
 
-def row_in_fresh_process(argv, model: str, n: int, sweep: str) -> tuple[dict, list]:
-    """:func:`measure_row` in a new Python process (same arguments): ``(row, notes)``."""
+def row_in_fresh_process(argv, job: list, timeout_s: float | None) -> tuple[dict | None, list]:
+    """:func:`measure_row` in a new Python process (same arguments): ``(row, notes)``.
+
+    ``job``: ``[model, n, sweep, has_torch, has_backpack]``. A process still running after
+    ``timeout_s`` seconds is stopped: ``(None, [a note saying so])``.
+    """
     rest = list(argv if argv is not None else sys.argv[1:])
-    cmd = [sys.executable, os.path.abspath(__file__), *rest]
-    cmd += ["--row-worker", json.dumps([model, n, sweep])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, os.path.abspath(__file__), *rest, "--row-worker", json.dumps(job)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, [f"time budget spent while measuring {job[0]} B={job[1]}: row skipped"]
     lines = [x for x in proc.stdout.splitlines() if x.startswith(ROW_MARK)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(
-            f"measuring {model} B={n} in a fresh process failed "
+            f"measuring {job[0]} B={job[1]} in a fresh process failed "
             f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     result = json.loads(lines[-1][len(ROW_MARK) :])
@@ -807,7 +813,14 @@ def main(argv=None):
         plan += [(m, n0, "params") for m in args.params_models.split(",") if m]
     for model, _, _ in plan:
         model_family(model)  # fail early on an unknown name
-    has_torch, has_backpack = (False, False) if args.no_torch else torch_available()
+    if args.row_worker:  # measure_row's arguments, as the parent found them
+        model, n, sweep, has_torch, has_backpack = json.loads(args.row_worker)
+    else:
+        has_torch, has_backpack = (False, False) if args.no_torch else torch_available()
+    if args.isolate and not args.row_worker:
+        # This process only collects rows: on a GPU it must not reserve the memory the
+        # rows' processes need (they inherit the setting and allocate as they go).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -823,7 +836,6 @@ def main(argv=None):
     if has_torch and not has_backpack:
         notes.append("backpack-for-pytorch is not installed: BackPACK is skipped")
     if args.row_worker:
-        model, n, sweep = json.loads(args.row_worker)
         row, row_notes = measure_row(
             args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
         )
@@ -834,16 +846,20 @@ def main(argv=None):
         isolate = jax.default_backend() == "cpu" and len(plan) > 1
     started = time.perf_counter()
     for model, n, sweep in plan:
-        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+        left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - started)
+        if left is not None and left <= 0:
             notes.append(f"time budget ({args.budget_s:.0f} s) spent: skipped {model} B={n}")
             continue
         if isolate:
-            row, row_notes = row_in_fresh_process(argv, model, n, sweep)
+            job = [model, n, sweep, has_torch, has_backpack]
+            row, row_notes = row_in_fresh_process(argv, job, left)
         else:
             row, row_notes = measure_row(
                 args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
             )
         notes.extend(x for x in row_notes if x not in notes)
+        if row is None:
+            continue
         rows.append(row)
         print(row_line(row), flush=True)
         write(out, make_result(args, jax, notes, rows))

@@ -59,7 +59,7 @@ def applies(num_sources: int, aggregation, gamma, kappa, prior_weight) -> bool:
     )
 
 
-def _power_of_two(biased: jax.Array) -> jax.Array:
+def _reciprocal_power_of_two(biased: jax.Array) -> jax.Array:
     """``2 ** (127 - biased)`` as float32, for a biased exponent clipped to ``[1, 253]``."""
     return _scale.power_of_two(254 - jnp.clip(biased, 1, _EXPONENT_MAX), jnp.float32)
 
@@ -114,7 +114,7 @@ def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
         from_mean = _scale.biased_exponent(jnp.abs(mean[s]))
         from_var = jnp.where(v[s] > 0, (_scale.biased_exponent(v[s]) + 127) // 2, 0)
         exponent = jnp.maximum(exponent, jnp.where(touched[s], jnp.maximum(from_mean, from_var), 0))
-    unit = _power_of_two(exponent)
+    unit = _reciprocal_power_of_two(exponent)
     square_sum = jnp.zeros(count.shape, dtype)
     for s in range(num_sources):
         square_sum = square_sum + jnp.where(touched[s], jnp.square(mean[s] * unit), 0.0)
@@ -125,7 +125,9 @@ def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
         noise_sum = noise_sum + jnp.where(touched[s], noise[s], 0.0)
     mean_noise = noise_sum * inv_n
     mean_noise = jnp.where(mean_noise > 0, mean_noise, 1.0)
-    scale = _power_of_two(_scale.biased_exponent(mean_noise))  # mean_noise * scale in [1, 2)
+    scale = _reciprocal_power_of_two(
+        _scale.biased_exponent(mean_noise)
+    )  # mean_noise * scale in [1, 2)
     least = 1e-30 * (mean_noise * scale)  # the clamp r >= 1e-30, in these units
     return [
         jnp.where(touched[s], jnp.maximum(noise[s] * scale, least), 1.0) for s in range(num_sources)
@@ -154,7 +156,8 @@ def leaf_calibration(mean, var, count, *, kappa, gamma, prior_weight, eps, noise
       ``(delta, weights, uncertainty, checks)``: ``delta`` shaped like ``mean[0]``;
       ``weights`` ``[S]`` float32; ``uncertainty`` ``[]`` float32; ``checks`` the
       ``[S]`` touched counts, NaN where an entry of ``mean`` or ``var`` is not finite or
-      a variance is negative.
+      a variance is negative (the uncertainty is then NaN too, and :func:`bogc_jax.bogc`
+      rejects the step).
     """
     # The statistics as arrays in memory: inside one program with their computation, XLA
     # would otherwise recompute their last elementwise steps in each pass below.

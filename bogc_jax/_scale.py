@@ -23,9 +23,11 @@ def max_abs(xs: Sequence[jax.Array]) -> jax.Array:
 
 def _bit_layout(dtype) -> tuple[int, int, type]:
     """``(mantissa bits, exponent bias, integer type of the same width)`` of a float dtype."""
+    int_types = {jnp.dtype(jnp.float32): jnp.int32, jnp.dtype(jnp.float64): jnp.int64}
+    if jnp.dtype(dtype) not in int_types:
+        raise TypeError(f"exponent bits are read from float32 or float64, got {jnp.dtype(dtype)}")
     info = jnp.finfo(dtype)
-    int_type = {4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
-    return info.nmant, info.maxexp - 1, int_type
+    return info.nmant, info.maxexp - 1, int_types[jnp.dtype(dtype)]
 
 
 def biased_exponent(x: jax.Array) -> jax.Array:

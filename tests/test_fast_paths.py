@@ -111,28 +111,59 @@ def _float64_moments(x, cotangent):
     return g.mean(0), g.var(axis=0, ddof=1)
 
 
-@settings(max_examples=25, deadline=None)
+def _operands(a, d):
+    """A ``_Scaled`` of float32 ``[n, g, c]`` inputs and ``[n, g, f]`` cotangents."""
+    a, d = (jnp.asarray(np.asarray(x, np.float32)) for x in (a, d))
+    return fast_dense._Scaled(a, d, None, None, None)
+
+
+def _largest_ratio(a, d):
+    """The largest ``n mean**2 / m2`` over coordinates ``(g, c, f)``, in float64."""
+    u = np.asarray(a, np.float64)[:, :, :, None] * np.asarray(d, np.float64)[:, :, None, :]
+    n, total, squares = u.shape[0], u.sum(0), (u**2).sum(0)
+    return (total**2 / np.maximum(n * squares - total**2, 1e-300)).max()
+
+
+@settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(2, 40),
-    c=st.integers(1, 5),
-    f=st.integers(1, 5),
-    zero_rate=st.floats(0.0, 0.3),
+    n=st.integers(2, 400),
+    g=st.integers(1, 3),
+    c=st.integers(1, 4),
+    f=st.integers(1, 4),
+    zero_rate=st.floats(0.0, 0.06),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_a_zero_count_that_passes_bounds_every_coordinates_cancellation(n, c, f, zero_rate, seed):
+def test_a_zero_count_that_passes_bounds_every_coordinates_cancellation(
+    n, g, c, f, zero_rate, seed
+):
     """Where the dense rule skips the check on the products (enough zeros in every input
-    column or every cotangent column), no coordinate has ``n mean**2 / m2`` above the
-    limit: inputs and cotangents nearly constant, so only the zeros keep it down."""
+    column or every cotangent column of each group), no coordinate has ``n mean**2 / m2``
+    above the limit: inputs and cotangents nearly constant, so only the zeros keep it down
+    (zero rates around ``1 / (1 + L)``, where the count decides)."""
     rng = np.random.default_rng(seed)
-    a = (3.0 + 0.01 * rng.normal(size=(n, 1, c))) * (rng.random((n, 1, c)) >= zero_rate)
-    d = (2.0 + 0.01 * rng.normal(size=(n, 1, f))) * (rng.random((n, 1, f)) >= zero_rate)
-    a, d = a.astype(np.float32), d.astype(np.float32)
-    op = fast_dense._Scaled(jnp.asarray(a), jnp.asarray(d), None, None, None)
-    u = a[:, 0, :, None].astype(np.float64) * d[:, 0, None, :]  # [n, c, f]
-    total, squares = u.sum(0), (u**2).sum(0)
-    ratio = total**2 / np.maximum(n * squares - total**2, 1e-300)
-    if bool(fast_dense._cannot_cancel(op)):
-        assert ratio.max() <= fast_dense.CANCELLATION_LIMIT * (1 + 1e-6)
+    a = (3.0 + 0.01 * rng.normal(size=(n, g, c))) * (rng.random((n, g, c)) >= zero_rate)
+    d = (2.0 + 0.01 * rng.normal(size=(n, g, f))) * (rng.random((n, g, f)) >= zero_rate)
+    if bool(fast_dense._cannot_cancel(_operands(a, d))):
+        assert _largest_ratio(a, d) <= fast_dense.CANCELLATION_LIMIT * (1 + 1e-6)
+
+
+def test_the_zero_count_passes_at_its_threshold_and_not_below():
+    """Constant non-zero values with ``k`` zeros have the ratio ``(n - k) / k`` exactly:
+    ``n = 130`` and ``L = 64`` need ``k = 2`` zeros (ratio 64, the limit), and ``k = 1``
+    (ratio 129) must send the leaf to the check."""
+    n, limit = 130, fast_dense.CANCELLATION_LIMIT
+    assert limit == 64.0
+    d = np.ones((n, 1, 3))
+    for zeros, passes in ((2, True), (1, False)):
+        a = np.ones((n, 1, 2))
+        a[:zeros, :, :] = 0.0  # every input column has `zeros` zeros
+        assert _largest_ratio(a, d) == pytest.approx((n - zeros) / zeros)
+        assert bool(fast_dense._cannot_cancel(_operands(a, d))) is passes
+        # Zeros in every cotangent column serve as well; in only some of them, not.
+        assert bool(fast_dense._cannot_cancel(_operands(d[:, :, :2], a.repeat(2, -1)))) is passes
+        partly = np.ones((n, 1, 4))
+        partly[:zeros, :, :2] = 0.0
+        assert not bool(fast_dense._cannot_cancel(_operands(np.ones((n, 1, 2)), partly)))
 
 
 def _wide_dense_model(cancelling: bool, small_cancelling: bool = False):
@@ -169,14 +200,22 @@ def _wide_dense_model(cancelling: bool, small_cancelling: bool = False):
     return losses_fn, params, (x, c, z), truth
 
 
+def _poisoned(op, products=None):
+    """A checked form that gives NaN: the outputs show whether it was taken."""
+    mean, m2 = fast_dense._finish(op, *fast_dense._products(op.a, op.d))
+    return mean * jnp.nan, m2 * jnp.nan
+
+
 @pytest.mark.parametrize(
     "cancelling, small_cancelling", [(False, False), (True, False), (False, True)]
 )
-def test_wide_dense_leaves_against_float64_truth(cancelling, small_cancelling):
+def test_wide_dense_leaves_against_float64_truth(cancelling, small_cancelling, monkeypatch):
     """Wide leaves share one check: ReLU inputs pass the zero count and take the two-product
     form; inputs far from zero, or a small leaf that cancels, send every leaf to its own
     check and the wide one to the centred form where it cancels."""
     losses_fn, params, batch, truth = _wide_dense_model(cancelling, small_cancelling)
+    if not (cancelling or small_cancelling):  # the shared two-product form, unchecked
+        monkeypatch.setattr(fast_dense, "_checked", _poisoned)
     fast = jax.jit(lambda p, b: bj.source_grad_stats(losses_fn, p, b, method="fast"))
     got = fast(params, batch)
     for name in ("w", "v"):

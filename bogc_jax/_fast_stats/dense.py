@@ -284,10 +284,13 @@ def _may_cancel(n: int, total, squares):
     return jnp.any((1.0 + limit) * jnp.square(total) > (limit * n) * squares)
 
 
-def _checked(op: _Scaled):
-    """The two-product form, recomputed from centred inputs where it would cancel."""
+def _checked(op: _Scaled, products=None):
+    """The two-product form, recomputed from centred inputs where it would cancel.
+
+    ``products``: ``(sum_i a_i d_i, sum_i a_i**2 d_i**2)`` when already formed.
+    """
     n = op.n
-    total, squares = _products(op.a, op.d)  # sum_i a_i d_i and sum_i a_i**2 d_i**2
+    total, squares = _products(op.a, op.d) if products is None else products
     # The check is the only pass over the products before the fusions that write the
     # leaf's statistics: otherwise the branch hands back the products' buffer unchanged
     # (only the branch's output is read afterwards, so that it may reuse that buffer).
@@ -318,13 +321,15 @@ def dense_leaves_moments(jobs: list[kernels.LeafJob], place: Callable) -> list:
     ``(mean, m2)`` is what :func:`dense_moments` gives for the job, and ``place`` puts them
     where the caller wants them (every source's slot) inside the branch below, so that the
     outputs are written once. One branch serves all the leaves: when none of them can
-    cancel, each takes the two-product form with no pass over its products and no branch
-    of its own; otherwise each is checked as :func:`dense_moments` checks it. A leaf whose
-    products have at most :data:`SMALL_PRODUCT` entries is checked on its products,
-    computed before the branch; a larger one by the zero count of :func:`_cannot_cancel`.
-    One branch for the program costs nothing measurable on XLA:CPU, where one per leaf is
-    a synchronisation point costing about a tenth of the statistics' time.
+    cancel, each takes the two-product form with no branch of its own; otherwise each is
+    checked as :func:`dense_moments` checks it. A leaf whose products have at most
+    :data:`SMALL_PRODUCT` entries is checked on its products, formed before the branch; a
+    larger one by the zero count of :func:`_cannot_cancel`, with no pass over its
+    products. One branch for the program costs nothing measurable on XLA:CPU, where one
+    per leaf is a synchronisation point costing about a tenth of the statistics' time.
     """
+    if not jobs:
+        return []
     ops = [_scaled(job) for job in jobs]
     small = {
         i: _products(op.a, op.d) for i, op in enumerate(ops) if op.product_size <= SMALL_PRODUCT
@@ -345,10 +350,10 @@ def dense_leaves_moments(jobs: list[kernels.LeafJob], place: Callable) -> list:
         return out
 
     def checked():
-        return [place(job, *_checked(op)) for job, op in zip(jobs, ops)]
+        return [
+            place(job, *_checked(op, small.get(i))) for i, (job, op) in enumerate(zip(jobs, ops))
+        ]
 
-    if not jobs:
-        return []
     return jax.lax.cond(jnp.all(jnp.stack(safe)), unchecked, checked)
 
 
