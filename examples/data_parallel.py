@@ -34,7 +34,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import bogc_jax as bj  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -156,7 +157,7 @@ def train(method, parallel, *, steps, batch_size, seed=0, log_every=0,
     if log_every and (i + 1) % log_every == 0:
       test_xs, test_y = make_data(512, seed + 2)
       fused, unimodal = apply(jax.device_get(params), test_xs)
-      acc = lambda logits: float(np.mean(np.argmax(np.asarray(logits), -1) == test_y))
+      acc = lambda logits, y=test_y: float(np.mean(np.argmax(np.asarray(logits), -1) == y))
       print(f"  step {i + 1:4d}: test accuracy fused {acc(fused):.3f}, "
             f"modality 0 head {acc(unimodal[0]):.3f}, modality 1 head "
             f"{acc(unimodal[1]):.3f}")
