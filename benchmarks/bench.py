@@ -42,7 +42,7 @@ for _path in (ROOT, HERE):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from timing import STEP_METHODS, time_interleaved, training_step
+from timing import STEP_METHODS, in_fresh_process, time_interleaved, training_step
 
 NUM_SOURCES = 3
 CLASSES = 10
@@ -352,14 +352,13 @@ def jax_functions(
         return fns, num_params, notes
 
     labels = bj.label_params(params, {"enc0": 0, "enc1": 1}, default=None)
+    parts = representation_parts(forward)
     for name in steps:
         needs = {"bogc_repr": "representation_bogc"}.get(name, name)
         if name not in ("joint", "joint_uni") and not hasattr(bj, needs):
             notes.append(f"bj.{name} is not importable yet: its training step is skipped")
             continue
-        step, state = training_step(
-            bj, name, losses_fn, forward, params, labels, n, parts=representation_parts(forward)
-        )
+        step, state = training_step(bj, name, losses_fn, forward, params, labels, n, parts=parts)
         fns[f"step_{name}"] = (jax.jit(step), (params, state, batch))
     return fns, num_params, notes
 
@@ -643,31 +642,6 @@ QUICK_SUITES = {
 }
 
 
-ROW_MARK = "bench-row: "
-
-
-def row_in_fresh_process(argv, job: list, timeout_s: float | None) -> tuple[dict | None, list]:
-    """:func:`measure_row` in a new Python process (same arguments): ``(row, notes)``.
-
-    ``job``: ``[model, n, sweep, has_torch, has_backpack]``. A process still running after
-    ``timeout_s`` seconds is stopped: ``(None, [a note saying so])``.
-    """
-    rest = list(argv if argv is not None else sys.argv[1:])
-    cmd = [sys.executable, os.path.abspath(__file__), *rest, "--row-worker", json.dumps(job)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None, [f"time budget spent while measuring {job[0]} B={job[1]}: row skipped"]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith(ROW_MARK)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"measuring {job[0]} B={job[1]} in a fresh process failed "
-            f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    result = json.loads(lines[-1][len(ROW_MARK) :])
-    return result["row"], result["notes"]
-
-
 def measure_row(args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack):
     """One row of the tables: the JAX functions (and PyTorch peers) of ``model`` at batch
     ``n``, timed side by side. Returns ``(row, notes)``."""
@@ -780,6 +754,7 @@ def main(argv=None):
     )
     parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--row-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.torch_worker:
@@ -839,7 +814,7 @@ def main(argv=None):
         row, row_notes = measure_row(
             args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
         )
-        print(ROW_MARK + json.dumps({"row": row, "notes": row_notes}))
+        write(args.result_file, {"row": row, "notes": row_notes})
         return None
     isolate = args.isolate
     if isolate is None:
@@ -851,15 +826,18 @@ def main(argv=None):
             notes.append(f"time budget ({args.budget_s:.0f} s) spent: skipped {model} B={n}")
             continue
         if isolate:
-            job = [model, n, sweep, has_torch, has_backpack]
-            row, row_notes = row_in_fresh_process(argv, job, left)
+            job = json.dumps([model, n, sweep, has_torch, has_backpack])
+            rest = list(argv if argv is not None else sys.argv[1:])
+            result = in_fresh_process(__file__, rest + ["--row-worker", job], timeout_s=left)
+            if result is None:
+                notes.append(f"time budget spent while measuring {model} B={n}: row skipped")
+                continue
+            row, row_notes = result["row"], result["notes"]
         else:
             row, row_notes = measure_row(
                 args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
             )
         notes.extend(x for x in row_notes if x not in notes)
-        if row is None:
-            continue
         rows.append(row)
         print(row_line(row), flush=True)
         write(out, make_result(args, jax, notes, rows))

@@ -125,9 +125,8 @@ def _relative_noise(mean, var, touched, count, inv_count, eps, dtype):
         noise_sum = noise_sum + jnp.where(touched[s], noise[s], 0.0)
     mean_noise = noise_sum * inv_n
     mean_noise = jnp.where(mean_noise > 0, mean_noise, 1.0)
-    scale = _reciprocal_power_of_two(
-        _scale.biased_exponent(mean_noise)
-    )  # mean_noise * scale in [1, 2)
+    # mean_noise * scale in [1, 2)
+    scale = _reciprocal_power_of_two(_scale.biased_exponent(mean_noise))
     least = 1e-30 * (mean_noise * scale)  # the clamp r >= 1e-30, in these units
     return [
         jnp.where(touched[s], jnp.maximum(noise[s] * scale, least), 1.0) for s in range(num_sources)

@@ -24,15 +24,11 @@ import tempfile
 import time
 import types
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.dirname(HERE)
-ROOT = os.path.dirname(BENCH)
-for path in (ROOT, BENCH):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from _paths import BENCH, ROOT  # first: puts bench and timing on sys.path
 
+# isort: split
 import bench
-from timing import time_interleaved, training_step
+from timing import in_fresh_process, time_interleaved, training_step
 
 
 def extract(rev: str) -> str:
@@ -130,6 +126,7 @@ def main(argv=None):
         help="PyTorch peers to time on each model after the JAX functions, each in a fresh "
         "process (bench.run_torch): any of grad,func,backpack",
     )
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--torch-func-max-params",
         type=float,
@@ -138,29 +135,12 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     models = args.models.split(",")
-    if len(models) > 1:
-        # One process per model: a process that has run a large model first measures the
-        # next one on a fragmented heap (the CNN's statistics at 3.2x a gradient instead
-        # of 1.8x after the 1024-wide MLP).
+    if len(models) > 1:  # one process per model (timing.in_fresh_process says why)
+        rest = list(argv if argv is not None else sys.argv[1:])
         rows = []
         for model in models:
-            with tempfile.NamedTemporaryFile(suffix=".json") as part:
-                rest = list(argv if argv is not None else sys.argv[1:])
-                subprocess.run(
-                    [
-                        sys.executable,
-                        os.path.abspath(__file__),
-                        *rest,
-                        "--models",
-                        model,
-                        "--out",
-                        part.name,
-                    ],
-                    check=True,
-                )
-                with open(part.name) as f:
-                    rows += json.load(f)["rows"]
-        _write(args, rows)
+            rows += in_fresh_process(__file__, rest + ["--models", model])["rows"]
+        _write(args.out, args.before, rows)
         return
 
     sys.path.insert(0, extract(args.before))
@@ -186,9 +166,7 @@ def main(argv=None):
             row.update({name: 1e3 * med[(t, name)] for (t, name) in med if t == tag})
             row.update({f"compile_{name}": fns[(t, name)][2] for (t, name) in fns if t == tag})
             row["fast/grad"] = row["fast"] / row["grad"]
-            row["bogc/joint"] = row["step_bogc"] / row["step_joint"]
             row["update_bogc/grad"] = row["update_bogc"] / row["grad"]
-            row["mmpareto/joint"] = row["step_mmpareto"] / row["step_joint"]
             joint_compile = row["compile_step_joint"]
             for kind in ("bogc", "bogc_repr", "mmpareto"):
                 if f"step_{kind}" in row:
@@ -208,13 +186,13 @@ def main(argv=None):
                 f"{row['compile bogc/joint']:.1f}x mmpareto {row['compile mmpareto/joint']:.1f}x",
                 flush=True,
             )
-    _write(args, rows)
+    _write(args.result_file or args.out, args.before, rows)
 
 
-def _write(args, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"clock": "cpu (process_time)", "before": args.before, "rows": rows}, f, indent=1)
+def _write(path, before, rows):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"clock": "cpu (process_time)", "before": before, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,10 @@ import datetime
 import json
 import os
 import re
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.dirname(HERE)
-ROOT = os.path.dirname(BENCH)
-for path in (ROOT, BENCH):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from _paths import BENCH  # first: puts bench and timing on sys.path
 
+# isort: split
 import bench
 from timing import time_interleaved, training_step
 

@@ -5,7 +5,7 @@ and ``[g, C, F]`` (:class:`Canonical`; ``g`` weight-sharing groups, ``P`` positi
 example that share the weight, ``C`` input and ``F`` output features); a convolution's
 kernel gradient is a dense gradient over its patches (im2col). With one position per
 example the per-example gradient is ``g_i = a_i (x) delta_i`` and its moments have a closed
-form (:func:`dense_moments`); with several, ``g_i = sum_p a_ip (x) delta_ip`` is formed a
+form (:func:`dense_leaves_moments`); with several, ``g_i = sum_p a_ip (x) delta_ip`` is formed a
 chunk of examples at a time (:func:`positions_moments`).
 """
 
@@ -299,8 +299,9 @@ def _checked(op: _Scaled, products=None):
     return _finish(op, total, jnp.where(risky, out, out - jnp.square(total) / n))
 
 
-def dense_moments(job: kernels.LeafJob):
-    """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example).
+def dense_leaves_moments(jobs: list[kernels.LeafJob], place: Callable) -> list:
+    """Closed-form moments of ``g_i = a_i (x) delta_i`` (one position per example), for
+    several leaves at once: ``place(job, mean, m2)`` for each job.
 
     ``mean = (1/n) sum_i a_i delta_i`` and ``m2 = sum_i a_i**2 delta_i**2 - n mean**2``: two
     matmuls ``[n, c]^T [n, S f]`` over all sources at once (their cotangents side by side),
@@ -308,25 +309,18 @@ def dense_moments(job: kernels.LeafJob):
     (``n mean**2 > CANCELLATION_LIMIT m2``). Each input column and each cotangent column is
     first divided by a power of two that brings it to order one (exact), so that ``a**2``
     and ``delta**2`` cannot underflow or overflow where the per-example gradient
-    ``a delta`` itself is in range; the moments are scaled back at the end.
+    ``a delta`` itself is in range; the moments are scaled back at the end. ``mean`` and
+    ``m2`` have the shape ``[len(job.sources), *leaf_shape]``; ``place`` puts them where the
+    caller wants them (every source's slot) inside the branch below, so that the outputs
+    are written once.
 
-    Returns ``(mean, m2)`` of shape ``[len(sources), *leaf_shape]``.
-    """
-    return _checked(_scaled(job))
-
-
-def dense_leaves_moments(jobs: list[kernels.LeafJob], place: Callable) -> list:
-    """``place(job, mean, m2)`` for several dense leaves, checked for cancellation at once.
-
-    ``(mean, m2)`` is what :func:`dense_moments` gives for the job, and ``place`` puts them
-    where the caller wants them (every source's slot) inside the branch below, so that the
-    outputs are written once. One branch serves all the leaves: when none of them can
-    cancel, each takes the two-product form with no branch of its own; otherwise each is
-    checked as :func:`dense_moments` checks it. A leaf whose products have at most
-    :data:`SMALL_PRODUCT` entries is checked on its products, formed before the branch; a
-    larger one by the zero count of :func:`_cannot_cancel`, with no pass over its
-    products. One branch for the program costs nothing measurable on XLA:CPU, where one
-    per leaf is a synchronisation point costing about a tenth of the statistics' time.
+    One branch serves all the leaves: when none of them can cancel, each takes the
+    two-product form with no branch of its own; otherwise each is checked on its own
+    (:func:`_checked`). A leaf whose products have at most :data:`SMALL_PRODUCT` entries is
+    checked on its products, formed before the branch; a larger one by the zero count of
+    :func:`_cannot_cancel`, with no pass over its products. One branch for the program
+    costs nothing measurable on XLA:CPU, where one per leaf is a synchronisation point
+    costing about a tenth of the statistics' time.
     """
     if not jobs:
         return []

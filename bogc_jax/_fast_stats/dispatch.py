@@ -1,13 +1,13 @@
 """Moments of every parameter leaf: each leaf's rule looked up in one table.
 
 The program is traced and planned once, the taps' cotangents come from one backward pass
-per source, and each leaf's moments come from ``RULES[plan.rule]`` (all rules take a
-:class:`~bogc_jax._fast_stats.kernels.LeafJob` and return ``(mean, m2)`` for the sources
-that reach the leaf; the others get exact zeros). The dense leaves are served together
-(:func:`~bogc_jax._fast_stats.dense.dense_leaves_moments`), sharing one check for
-cancellation. Leaves no rule serves (plan ``"vmap"``)
-get the chunked ``vmap`` reference with ``method="auto"`` and an error naming them with
-``method="fast"``.
+per source, and the moments of the leaves of each rule come from ``RULES[plan.rule]``:
+a rule takes the :class:`~bogc_jax._fast_stats.kernels.LeafJob` of each of its leaves and
+a ``place(job, mean, m2)`` for the ``(mean, m2)`` of the sources that reach the leaf (the
+others get exact zeros). Most rules serve their leaves one by one; the dense rule serves
+them together, sharing one check for cancellation. Leaves no rule serves (plan
+``"vmap"``) get the chunked ``vmap`` reference with ``method="auto"`` and an error naming
+them with ``method="fast"``.
 """
 
 from __future__ import annotations
@@ -23,21 +23,29 @@ from bogc_jax import _moments, _per_example
 from bogc_jax._fast_stats import kernels
 from bogc_jax._fast_stats import program as prog
 from bogc_jax._fast_stats.cotangents import cotangents
-from bogc_jax._fast_stats.dense import dense_leaves_moments, dense_moments, positions_moments
+from bogc_jax._fast_stats.dense import dense_leaves_moments, positions_moments
 from bogc_jax._fast_stats.embedding import embedding_moments
 from bogc_jax._fast_stats.per_leaf import per_leaf_moments
 from bogc_jax._fast_stats.plan import Program, trace
 
 PyTree = Any
-Rule = Callable[[kernels.LeafJob], tuple[jax.Array, jax.Array]]
+LeafRule = Callable[[kernels.LeafJob], tuple[jax.Array, jax.Array]]
+Place = Callable[[kernels.LeafJob, jax.Array, jax.Array], Any]
+Rule = Callable[[list[kernels.LeafJob], Place], list]
 
-# plan.rule -> the rule computing (mean, m2) of the sources reaching the leaf. A "zero"
+
+def one_by_one(rule: LeafRule) -> Rule:
+    """A rule that serves its leaves one at a time: ``rule(job) -> (mean, m2)``."""
+    return lambda jobs, place: [place(job, *rule(job)) for job in jobs]
+
+
+# plan.rule -> the rule computing (mean, m2) of the sources reaching its leaves. A "zero"
 # leaf has no tap, so no source reaches it; "vmap" leaves go to the reference.
 RULES: dict[str, Rule] = {
-    "dense": dense_moments,
-    "positions": positions_moments,
-    "embedding": embedding_moments,
-    "per-leaf": per_leaf_moments,
+    "dense": dense_leaves_moments,
+    "positions": one_by_one(positions_moments),
+    "embedding": one_by_one(embedding_moments),
+    "per-leaf": one_by_one(per_leaf_moments),
 }
 
 # The vmap fallback materialises per-example gradients of the unsupported leaves (with
@@ -88,11 +96,8 @@ def _scatter_sources(values, sources, num_sources, shape, dtype):
 
 
 def _leaves_moments(jobs: list[kernels.LeafJob], num_sources: int, shapes) -> list:
-    """``(mean, m2)`` of each job's leaf for every source (zeros where none reaches it).
-
-    Dense leaves go to :func:`dense_leaves_moments` together (they share one check for
-    cancellation), the others to their rule one by one.
-    """
+    """``(mean, m2)`` of each job's leaf for every source (zeros where none reaches it),
+    the jobs of each rule served by that rule together."""
 
     def place(job, mean, m2):
         shape = shapes[job.k]
@@ -100,12 +105,11 @@ def _leaves_moments(jobs: list[kernels.LeafJob], num_sources: int, shapes) -> li
             _scatter_sources(x, job.sources, num_sources, shape, job.dtype) for x in (mean, m2)
         )
 
-    dense = [i for i, job in enumerate(jobs) if RULES[job.plan.rule] is dense_moments]
-    results = [
-        None if i in dense else place(job, *RULES[job.plan.rule](job)) for i, job in enumerate(jobs)
-    ]
-    for i, moments in zip(dense, dense_leaves_moments([jobs[i] for i in dense], place)):
-        results[i] = moments
+    results: list = [None] * len(jobs)
+    for rule in dict.fromkeys(job.plan.rule for job in jobs):
+        mine = [i for i, job in enumerate(jobs) if job.plan.rule == rule]
+        for i, moments in zip(mine, RULES[rule]([jobs[i] for i in mine], place)):
+            results[i] = moments
     return results
 
 
