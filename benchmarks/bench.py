@@ -864,7 +864,10 @@ def write(path, result):
 
 def library_commit() -> str:
     """The last commit that changed ``bogc_jax/`` in this checkout (``+dirty`` with
-    uncommitted changes there)."""
+    uncommitted changes there). A copy of the tree without its git history (a remote
+    machine's working copy, say) reads it from ``$LIBRARY_COMMIT``."""
+    if os.environ.get("LIBRARY_COMMIT"):
+        return os.environ["LIBRARY_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "bogc_jax"],
