@@ -425,6 +425,37 @@ def test_materialised_leaves_stream_in_chunks(monkeypatch):
     assert_stats_close(*both(cnn_losses, cnn_params, batch))
 
 
+def test_accelerators_stream_sequence_layers_in_larger_chunks(monkeypatch):
+    """A dense layer on ``[B, T, D]`` too wide for the CPU's chunk budget is streamed one
+    example at a time there (a ``scan``); traced for a GPU it is one chunk (no ``scan``),
+    and the moments are the same."""
+    rng = np.random.default_rng(3)
+    d_in, d_out = 64, int(rng.integers(4100, 4400))  # S x leaf > 2**19 numbers
+    n, t = 4, int(rng.integers(2, 5))
+    params = {"w": jnp.asarray(rng.normal(size=(d_in, d_out)) / 8, jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(n, t, d_in)), jnp.float32)
+
+    def losses_fn(p, b):
+        h = jnp.tanh(b @ p["w"])  # [n, t, d_out]
+        return jnp.stack([h.sum((1, 2)), jnp.square(h[..., :7]).mean((1, 2))])
+
+    assert labels(losses_fn, params, x) == ["dense (shared positions)"]
+
+    def traced():  # a new function each time: no cached trace from the other backend
+        def fast(p, b):
+            return bj.source_grad_stats(losses_fn, p, b, method="fast")
+
+        return "scan" in str(jax.make_jaxpr(fast)(params, x)), jax.jit(fast)(params, x)
+
+    streamed, on_cpu = traced()
+    assert streamed
+    monkeypatch.setattr(fast_stats_kernels.jax, "default_backend", lambda: "gpu")
+    assert fast_stats_kernels.chunk_for(n, 2 * d_in * d_out) == n
+    streamed, on_gpu = traced()
+    assert not streamed
+    assert_stats_close(on_gpu, on_cpu, rtol=1e-5, atol_scale=1e-6)
+
+
 def test_devices_and_float64_in_a_subprocess():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
