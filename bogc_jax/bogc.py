@@ -11,8 +11,8 @@ import numpy as np
 import optax
 
 from bogc_jax import _fused_calibration as _fused
+from bogc_jax import _source_reach, validation
 from bogc_jax import evidence as ev
-from bogc_jax import validation
 from bogc_jax._finite import Step, finite_guarded, initial_flags
 from bogc_jax._sources import sum_over_sources
 from bogc_jax._types import (
@@ -316,6 +316,12 @@ def bogc(
     two_pass = _fused.applies(num_sources, aggregation, gamma, kappa, prior_weight)
 
     def _leaf_two_pass(mean, var, count):
+        # Sources known (while tracing) not to reach the leaf have zero slabs in both
+        # statistics: the calibration leaves them out (bogc_jax._source_reach).
+        reaching = sorted(
+            set(_source_reach.reaching(mean, num_sources))
+            | set(_source_reach.reaching(var, num_sources))
+        )
         noise_stats = None
         if noise == "relative":
             touched = (mean != 0) | (var != 0)
@@ -329,6 +335,7 @@ def bogc(
             prior_weight=prior_weight,
             eps=eps,
             noise_stats=noise_stats,
+            sources=reaching,
         )
 
     def init_fn(params):

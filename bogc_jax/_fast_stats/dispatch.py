@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bogc_jax import _moments, _per_example
+from bogc_jax import _moments, _per_example, _source_reach
 from bogc_jax._fast_stats import kernels
 from bogc_jax._fast_stats import program as prog
 from bogc_jax._fast_stats.cotangents import cotangents
@@ -162,9 +162,12 @@ def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments
                 kernels.LeafJob(program, k, plan, base_env, inputs, deltas, sources, n, dtype)
             )
         else:  # no source reaches the leaf
-            means[k] = m2s[k] = jnp.zeros((num_sources,) + shapes[k], dtype)
+            means[k] = _source_reach.mark(jnp.zeros((num_sources,) + shapes[k], dtype), ())
+            m2s[k] = _source_reach.mark(jnp.zeros((num_sources,) + shapes[k], dtype), ())
     for job, (mean, m2) in zip(jobs, _leaves_moments(jobs, num_sources, shapes)):
-        means[job.k], m2s[job.k] = mean, m2
+        # The slabs of the sources that do not reach the leaf are exact zeros.
+        means[job.k] = _source_reach.mark(mean, job.sources)
+        m2s[job.k] = _source_reach.mark(m2, job.sources)
 
     if unsupported:
         means_u, m2s_u = _vmap_leaves(
