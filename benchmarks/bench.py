@@ -871,8 +871,7 @@ def library_commit() -> str:
     """The last commit that changed ``bogc_jax/`` in this checkout (``+dirty`` with
     uncommitted changes there). A copy of the tree without its git history (a remote
     machine's working copy, say) reads it from ``$LIBRARY_COMMIT``."""
-    if os.environ.get("LIBRARY_COMMIT"):
-        return os.environ["LIBRARY_COMMIT"]
+    fallback = os.environ.get("LIBRARY_COMMIT") or "unknown"
     try:
         commit = subprocess.run(
             ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "bogc_jax"],
@@ -886,9 +885,9 @@ def library_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        return (commit or "unknown") + ("+dirty" if dirty else "")
+        return (commit + ("+dirty" if dirty else "")) if commit else fallback
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return fallback
 
 
 def make_result(args, jax, notes, rows):

@@ -36,6 +36,8 @@ float32 rounding.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -94,11 +96,13 @@ def _stored(values: list) -> tuple[list, jax.Array]:
     Two arrays are stored as the real and imaginary parts of one complex array, so that
     the elementwise chain they share is evaluated once per coordinate (XLA writes one
     array per pass). Both sums come from one product of that array with ones: XLA:CPU
-    reduces a complex array 2.5x slower than it multiplies it by a vector.
+    reduces a complex array 2.5x slower than it multiplies it by a vector. (A product
+    mixes the parts where one is not finite, so both sums are then NaN; the shifts are
+    finite for finite statistics, and otherwise the step is rejected.)
     """
     if len(values) == 2:
         pair = lax.optimization_barrier(lax.complex(values[0], values[1]))
-        rows = pair.reshape(pair.shape[0] if pair.ndim > 1 else 1, -1)
+        rows = pair.reshape(pair.shape[:1] + (math.prod(pair.shape[1:]),) if pair.ndim else (1, 1))
         ones = jnp.ones((rows.shape[1],), pair.dtype)
         total = jnp.sum(jnp.dot(rows, ones, precision=lax.Precision.HIGHEST))
         return [jnp.real(pair), jnp.imag(pair)], jnp.stack([jnp.real(total), jnp.imag(total)])
@@ -167,12 +171,13 @@ def leaf_calibration(
       a variance is negative (the uncertainty is then NaN too, and :func:`bogc_jax.bogc`
       rejects the step).
     """
-    present = tuple(range(mean.shape[0])) if sources is None else tuple(sources)
+    present = tuple(range(mean.shape[0])) if sources is None else tuple(sorted(set(sources)))
     num_sources = len(present)
     dtype = mean.dtype
     if not present:  # no coordinate is touched
-        zeros = jnp.zeros((mean.shape[0],), jnp.float32)
-        return jnp.zeros(mean.shape[1:], dtype), zeros, jnp.zeros((), jnp.float32), zeros
+        weights = jnp.zeros((mean.shape[0],), jnp.float32)
+        checks = jnp.zeros((mean.shape[0],), dtype)
+        return jnp.zeros(mean.shape[1:], dtype), weights, jnp.zeros((), jnp.float32), checks
     # The statistics as arrays in memory: inside one program with their computation, XLA
     # would otherwise recompute their last elementwise steps in each pass below.
     mean, var = lax.optimization_barrier((mean, var))

@@ -10,10 +10,11 @@ object itself, so that a transform that reads the statistics in the same trace
 work.
 
 A mark belongs to one array object: JAX arrays and tracers are immutable, so the object
-still holds the values it was marked with. Any operation makes a new object without a
-mark (:func:`carry` passes a mark on where zeros provably stay zeros), and a reader then
-treats every source as reaching the leaf, which is always correct. Marks are held
-weakly: they go when their array goes.
+still holds the values it was marked with (the few operations that hand back their
+input, such as ``astype`` to its own dtype, hand back those values too). An operation
+that computes new values makes a new object without a mark (:func:`carry` passes a mark
+on where zeros provably stay zeros), and a reader then treats every source as reaching
+the leaf, which is always correct. Marks are held weakly: they go when their array goes.
 """
 
 from __future__ import annotations

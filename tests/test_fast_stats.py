@@ -408,7 +408,7 @@ def test_auto_falls_back_per_leaf():
 
 def test_materialised_leaves_stream_in_chunks(monkeypatch):
     """A budget smaller than one batch forces the chunked (scan + Chan) path."""
-    monkeypatch.setattr(fast_stats_kernels, "MATERIALISE_BUDGET", 64)
+    monkeypatch.setattr(fast_stats_kernels, "materialise_budget", lambda: 64)
     losses_fn, params, x = scan_model(recurrent=False)  # tied and softplus leaves
     assert_stats_close(*both(losses_fn, params, x))
     model = SmallCNN(nnx.Rngs(2))
@@ -427,8 +427,8 @@ def test_materialised_leaves_stream_in_chunks(monkeypatch):
 
 def test_accelerators_stream_sequence_layers_in_larger_chunks(monkeypatch):
     """A dense layer on ``[B, T, D]`` too wide for the CPU's chunk budget is streamed one
-    example at a time there (a ``scan``); traced for a GPU it is one chunk (no ``scan``),
-    and the moments are the same."""
+    example at a time with it (a ``scan``); with the GPU's budget it is one chunk (no
+    ``scan``), and the moments are the same. The budget follows the platform."""
     rng = np.random.default_rng(3)
     d_in, d_out = 64, int(rng.integers(4100, 4400))  # S x leaf > 2**19 numbers
     n, t = 4, int(rng.integers(2, 5))
@@ -441,19 +441,28 @@ def test_accelerators_stream_sequence_layers_in_larger_chunks(monkeypatch):
 
     assert labels(losses_fn, params, x) == ["dense (shared positions)"]
 
-    def traced():  # a new function each time: no cached trace from the other backend
+    def traced(budget):  # a new function each time: no cached trace of the other budget
+        monkeypatch.setattr(fast_stats_kernels, "materialise_budget", lambda: budget)
+
         def fast(p, b):
             return bj.source_grad_stats(losses_fn, p, b, method="fast")
 
         return "scan" in str(jax.make_jaxpr(fast)(params, x)), jax.jit(fast)(params, x)
 
-    streamed, on_cpu = traced()
+    streamed, on_cpu = traced(fast_stats_kernels.MATERIALISE_BUDGET)
     assert streamed
-    monkeypatch.setattr(fast_stats_kernels.jax, "default_backend", lambda: "gpu")
-    assert fast_stats_kernels.chunk_for(n, 2 * d_in * d_out) == n
-    streamed, on_gpu = traced()
+    streamed, on_gpu = traced(fast_stats_kernels.ACCELERATOR_MATERIALISE_BUDGET)
     assert not streamed
     assert_stats_close(on_gpu, on_cpu, rtol=1e-5, atol_scale=1e-6)
+    monkeypatch.undo()
+    for platform, budget in [
+        ("cpu", fast_stats_kernels.MATERIALISE_BUDGET),
+        ("gpu", fast_stats_kernels.ACCELERATOR_MATERIALISE_BUDGET),
+        ("tpu", fast_stats_kernels.ACCELERATOR_MATERIALISE_BUDGET),
+    ]:
+        monkeypatch.setattr(fast_stats_kernels.jax, "default_backend", lambda p=platform: p)
+        assert fast_stats_kernels.materialise_budget() == budget, platform
+        assert fast_stats_kernels.chunk_for(n, 2 * d_in * d_out) == (1 if platform == "cpu" else n)
 
 
 def test_devices_and_float64_in_a_subprocess():

@@ -93,13 +93,14 @@ def test_fast_statistics_mark_the_sources_that_reach_each_leaf():
         return stats
 
     stats = jax.jit(statistics)(params, batch)
-    for name, want in REACHING.items():
-        assert seen[name] == [want, want], name
-        for leaf in (stats.mean[name], stats.var[name]):
-            for s in set(range(3)) - set(want):
-                assert not np.any(np.asarray(leaf[s])), (name, s)
     vmap = bj.source_grad_stats(losses_fn, params, batch, method="vmap")
     assert _source_reach.reaching(vmap.mean["a"], 3) == (0, 1, 2)  # not marked
+    for name, want in REACHING.items():
+        assert seen[name] == [want, want], name
+        # Absent: zero in the fast statistics and in the reference; present: not zero.
+        for leaf in (stats.mean[name], stats.var[name], vmap.mean[name], vmap.var[name]):
+            for s in range(3):
+                assert np.any(np.asarray(leaf[s])) == (s in want), (name, s)
 
 
 @pytest.mark.parametrize("num_sources", [1, 2, 3])
@@ -150,10 +151,10 @@ def test_calibration_on_the_reaching_slabs_equals_the_full_one(num_sources, gamm
     check()
 
 
-@pytest.mark.parametrize("seed,hidden", [(0, 2), (1, 7)])
-def test_bogc_in_one_trace_with_the_statistics_equals_the_full_update(seed, hidden):
+@pytest.mark.parametrize("seed,hidden,noise", [(0, 2, "absolute"), (1, 7, "relative")])
+def test_bogc_in_one_trace_with_the_statistics_equals_the_full_update(seed, hidden, noise):
     losses_fn, params, batch = two_branch(seed, widths=(6, 5, hidden))
-    tx = optax.chain(bj.bogc(3, kappa=1.0, gamma=1.0), optax.sgd(0.1))
+    tx = optax.chain(bj.bogc(3, kappa=1.0, gamma=1.0, noise=noise), optax.sgd(0.1))
     state = tx.init(params)
     calls = []
     calibrate = _fused_calibration.leaf_calibration
@@ -181,3 +182,24 @@ def test_bogc_in_one_trace_with_the_statistics_equals_the_full_update(seed, hidd
     for got, want in zip(jax.tree.leaves(marked), jax.tree.leaves(full)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert bool(marked[2][0].finite)
+
+
+@pytest.mark.parametrize("shape", [(), (4,), (0, 3), (3, 0), (2, 3, 2)])
+@pytest.mark.parametrize("sources", [None, (0, 2), (1,), ()])
+def test_calibration_of_any_leaf_shape(shape, sources):
+    """Scalar, vector and empty leaves, with all, some or none of the sources."""
+    rng = np.random.default_rng(len(shape))
+    mean = rng.normal(size=(3,) + shape).astype(np.float32)
+    var = rng.exponential(size=(3,) + shape).astype(np.float32)
+    absent = [s for s in range(3) if sources is not None and s not in sources]
+    mean[absent], var[absent] = 0.0, 0.0
+    hyper = dict(kappa=1.0, gamma=1.0, prior_weight=1.0, eps=1e-3)
+    got = _fused_calibration.leaf_calibration(
+        jnp.asarray(mean), jnp.asarray(var), 5.0, sources=sources, **hyper
+    )
+    want = _fused_calibration.leaf_calibration(jnp.asarray(mean), jnp.asarray(var), 5.0, **hyper)
+    assert got[0].shape == shape and got[1].shape == (3,) and got[3].shape == (3,)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    size = int(np.prod(shape))
+    np.testing.assert_array_equal(got[3], [0.0 if s in absent else size for s in range(3)])

@@ -110,9 +110,16 @@ def pull_back(chain, x, lead: int):
 
 
 def materialise_budget() -> int:
-    """The chunk budget of the backend that traces: :data:`MATERIALISE_BUDGET` on a CPU,
-    :data:`ACCELERATOR_MATERIALISE_BUDGET` on a GPU or TPU (``jax.default_backend()``)."""
-    if jax.default_backend() == "cpu":
+    """The chunk budget of the platform that runs the program: :data:`MATERIALISE_BUDGET`
+    on a CPU, :data:`ACCELERATOR_MATERIALISE_BUDGET` on a GPU or TPU.
+
+    The platform is that of ``jax.config.jax_default_device`` where one is set, else
+    ``jax.default_backend()``. Either budget gives the same moments; only speed and the
+    size of the temporaries depend on it.
+    """
+    device = getattr(jax.config, "jax_default_device", None)
+    platform = getattr(device, "platform", device) or jax.default_backend()
+    if platform == "cpu":
         return MATERIALISE_BUDGET
     return ACCELERATOR_MATERIALISE_BUDGET
 
