@@ -36,13 +36,13 @@ float32 rounding.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bogc_jax import _scale
+
+HIGHEST = lax.Precision.HIGHEST
 
 MAX_SOURCES = 3
 """The products ``P_s`` of ``S - 1`` factors in ``[1e-30, 2 n)`` stay finite up to here."""
@@ -102,9 +102,8 @@ def _stored(values: list) -> tuple[list, jax.Array]:
     """
     if len(values) == 2:
         pair = lax.optimization_barrier(lax.complex(values[0], values[1]))
-        rows = pair.reshape(pair.shape[:1] + (math.prod(pair.shape[1:]),) if pair.ndim else (1, 1))
-        ones = jnp.ones((rows.shape[1],), pair.dtype)
-        total = jnp.sum(jnp.dot(rows, ones, precision=lax.Precision.HIGHEST))
+        ones = jnp.ones(pair.shape[-1:], pair.dtype)  # a scalar leaf: nothing to sum
+        total = jnp.sum(pair if pair.ndim == 0 else jnp.dot(pair, ones, precision=HIGHEST))
         return [jnp.real(pair), jnp.imag(pair)], jnp.stack([jnp.real(total), jnp.imag(total)])
     stored = [lax.optimization_barrier(x) for x in values]
     return stored, jnp.stack([jnp.sum(x) for x in stored]) if stored else jnp.zeros((0,))

@@ -68,18 +68,9 @@ class GradStats(NamedTuple):
         slabs of sources known not to reach a leaf (zeros, see ``_source_reach``) are
         left out.
         """
-        return jax.tree.map(_sum_reaching, self.mean)
-
-
-def _sum_reaching(mean: jax.Array) -> jax.Array:
-    """``sum_s mean[s]`` over the sources reaching the leaf (the others are zeros)."""
-    reaching = _source_reach.reaching(mean, mean.shape[0])
-    if len(reaching) == mean.shape[0]:
-        return sum_over_sources(mean)
-    total = jnp.zeros(mean.shape[1:], mean.dtype)
-    for s in reaching:
-        total = total + mean[s]
-    return total
+        return jax.tree.map(
+            lambda m: sum_over_sources(m, _source_reach.reaching(m.shape[0], m)), self.mean
+        )
 
 
 GradStats.__module__ = "bogc_jax"

@@ -48,12 +48,15 @@ def mark(array: Any, sources: Iterable[int]) -> Any:
     return array
 
 
-def reaching(array: Any, num_sources: int) -> tuple[int, ...]:
-    """The sources marked on ``array`` (:func:`mark`); every source if it has no mark."""
-    entry = _REACHING.get(id(array))
-    if entry is not None and entry[0]() is array:
-        return entry[1]
-    return tuple(range(num_sources))
+def reaching(num_sources: int, *arrays: Any) -> tuple[int, ...]:
+    """The sources that may be nonzero in any of ``arrays`` (the statistics of one leaf),
+    sorted: those marked on each (:func:`mark`), every source for an array without a
+    mark."""
+    found: set[int] = set()
+    for array in arrays:
+        entry = _REACHING.get(id(array))
+        found |= set(entry[1] if entry is not None and entry[0]() is array else range(num_sources))
+    return tuple(sorted(found))
 
 
 def carry(marked: Any, new: Any) -> Any:

@@ -6,14 +6,19 @@ leading axis over a long array an order of magnitude slower than it combines ``S
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
 
-def sum_over_sources(x: jax.Array) -> jax.Array:
-    """``sum_s x[s]``."""
-    total = x[0]
-    for s in range(1, x.shape[0]):
+def sum_over_sources(x: jax.Array, sources: Sequence[int] | None = None) -> jax.Array:
+    """``sum_s x[s]``, over ``sources`` only when given (the other slabs are zeros)."""
+    sources = range(x.shape[0]) if sources is None else sources
+    if not sources:
+        return jnp.zeros(x.shape[1:], x.dtype)
+    total = x[sources[0]]
+    for s in sources[1:]:
         total = total + x[s]
     return total
 

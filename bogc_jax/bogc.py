@@ -318,10 +318,7 @@ def bogc(
     def _leaf_two_pass(mean, var, count):
         # Sources known (while tracing) not to reach the leaf have zero slabs in both
         # statistics: the calibration leaves them out (bogc_jax._source_reach).
-        reaching = sorted(
-            set(_source_reach.reaching(mean, num_sources))
-            | set(_source_reach.reaching(var, num_sources))
-        )
+        reaching = _source_reach.reaching(num_sources, mean, var)
         noise_stats = None
         if noise == "relative":
             touched = (mean != 0) | (var != 0)

@@ -27,13 +27,16 @@ SETTINGS = hypothesis.settings(max_examples=25, deadline=None)
 
 def test_a_mark_belongs_to_one_array_object():
     x = jnp.zeros((3, 4)).at[1].set(1.0)
-    assert _source_reach.reaching(x, 3) == (0, 1, 2)
+    assert _source_reach.reaching(3, x) == (0, 1, 2)
     assert _source_reach.mark(x, [1]) is x
-    assert _source_reach.reaching(x, 3) == (1,)
+    assert _source_reach.reaching(3, x) == (1,)
     y = x * 2.0
-    assert _source_reach.reaching(y, 3) == (0, 1, 2)  # a new array: no mark
-    assert _source_reach.carry(x, y) is y and _source_reach.reaching(y, 3) == (1,)
-    assert _source_reach.reaching(np.zeros(3), 3) == (0, 1, 2)
+    assert _source_reach.reaching(3, y) == (0, 1, 2)  # a new array: no mark
+    assert _source_reach.carry(x, y) is y and _source_reach.reaching(3, y) == (1,)
+    assert _source_reach.reaching(3, np.zeros(3)) == (0, 1, 2)
+    z = _source_reach.mark(jnp.zeros((3, 4)), [2])
+    assert _source_reach.reaching(3, x, z) == (1, 2)  # the union over a leaf's statistics
+    assert _source_reach.reaching(3, x, x * 1.0) == (0, 1, 2)
 
 
 def test_marks_go_with_their_arrays():
@@ -89,12 +92,12 @@ def test_fast_statistics_mark_the_sources_that_reach_each_leaf():
     def statistics(p, b):  # the marks, read while tracing
         stats = bj.source_grad_stats(losses_fn, p, b, method="fast")
         for name in REACHING:
-            seen[name] = [_source_reach.reaching(x[name], 3) for x in (stats.mean, stats.var)]
+            seen[name] = [_source_reach.reaching(3, x[name]) for x in (stats.mean, stats.var)]
         return stats
 
     stats = jax.jit(statistics)(params, batch)
     vmap = bj.source_grad_stats(losses_fn, params, batch, method="vmap")
-    assert _source_reach.reaching(vmap.mean["a"], 3) == (0, 1, 2)  # not marked
+    assert _source_reach.reaching(3, vmap.mean["a"]) == (0, 1, 2)  # not marked
     for name, want in REACHING.items():
         assert seen[name] == [want, want], name
         # Absent: zero in the fast statistics and in the reference; present: not zero.

@@ -56,7 +56,8 @@ in one table of rules (``dispatch.RULES``):
 Per-example gradients of one leaf are streamed in chunks of at most
 ``MATERIALISE_BUDGET`` numbers on a CPU (2 MiB in float32, to stay in cache) and
 ``ACCELERATOR_MATERIALISE_BUDGET`` on a GPU or TPU (256 MiB, to keep it busy): exact
-two-pass moments per chunk, merged with Chan's formula. Moments are kept in float32 (float64 stays float64).
+two-pass moments per chunk, merged with Chan's formula. Moments are kept in float32
+(float64 stays float64).
 
 Cost: one forward pass, one backward pass per source (a source built separately, e.g. a
 row of ``jnp.stack``, skips the layers it does not reach), and the per-layer products.
