@@ -20,6 +20,13 @@ JAX, from the compiled program (``memory_analysis``: temporaries + outputs); PyT
 the rise of the process's peak resident memory (``VmHWM``, reset after start-up) over
 the measured calls, each peer in a fresh process. Prints a table and writes JSON to benchmarks/results/.
 
+On Linux the C library's allocator is part of what a CPU run measures: with glibc's
+defaults, a program whose temporaries outgrow a thread's 64 MiB arena maps them afresh on
+every call, and the page faults cost as much as the arithmetic (the bogc step on the
+1024-wide MLP, about 29,000 faults a step). The JSON records the ``MALLOC_*`` settings;
+``docs/benchmarks.md`` gives the ones that keep freed memory in one arena
+(:data:`STEADY_ALLOCATOR`), and the run says when they are missing.
+
     python benchmarks/bench.py              # the default run (a few minutes)
     python benchmarks/bench.py --quick      # a smoke run, seconds
 """
@@ -815,6 +822,9 @@ def main(argv=None):
         )
     if has_torch and not has_backpack:
         notes.append("backpack-for-pytorch is not installed: BackPACK is skipped")
+    note = allocator_note(jax.default_backend())
+    if note and not args.row_worker:
+        notes.append(note)
     if args.row_worker:
         row, row_notes = measure_row(
             args, model, n, sweep, train_sizes, stats, steps, has_torch, has_backpack
@@ -890,6 +900,37 @@ def library_commit() -> str:
         return fallback
 
 
+# glibc settings under which freed memory stays with the process and every thread
+# allocates from the main arena, so that a call reuses the pages of the previous one.
+STEADY_ALLOCATOR = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+
+
+def allocator() -> dict:
+    """The C library and its ``MALLOC_*`` settings in this process's environment."""
+    name, version = platform.libc_ver()
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    return {"libc": f"{name} {version}".strip(), "settings": settings}
+
+
+def allocator_note(platform_name: str) -> str | None:
+    """A note when a CPU run on glibc lacks :data:`STEADY_ALLOCATOR`, else None."""
+    if platform_name != "cpu" or platform.libc_ver()[0] != "glibc":
+        return None
+    missing = {k: v for k, v in STEADY_ALLOCATOR.items() if os.environ.get(k) != v}
+    if not missing:
+        return None
+    settings = " ".join(f"{k}={v}" for k, v in STEADY_ALLOCATOR.items())
+    return (
+        "glibc's default arenas map large temporaries afresh on every call: steps with "
+        f"temporaries over 64 MiB include page faults. For the library's own cost run with "
+        f"{settings} (docs/benchmarks.md)"
+    )
+
+
 def make_result(args, jax, notes, rows):
     device = jax.devices()[0]
     return {
@@ -911,6 +952,7 @@ def make_result(args, jax, notes, rows):
             "python": platform.python_version(),
             "jax": jax.__version__,
         },
+        "allocator": allocator(),
         "memory_method": {
             "jax": "compiled memory_analysis: temp + output bytes",
             "torch": "fresh process per method: peak RSS (VmHWM, reset after "

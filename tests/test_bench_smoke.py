@@ -66,3 +66,24 @@ def test_rows_measured_in_fresh_processes_or_in_one(tmp_path, isolate):
         assert row["jax"]["fast"]["time_s"] > 0 and row["jax"]["step_joint"]["ratio"] == 1.0
     pids = {row["pid"] for row in rows}
     assert len(pids) == (2 if isolate == "--isolate" else 1)
+
+
+def test_the_allocator_settings_are_recorded_and_their_absence_noted(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench  # pylint: disable=g-import-not-at-top
+
+    for key in list(os.environ):
+        if key.startswith("MALLOC_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1073741824")
+    assert bench.allocator()["settings"] == {"MALLOC_TOP_PAD_": "1073741824"}
+    assert bench.allocator_note("gpu") is None  # the accelerator's allocator is XLA's own
+    glibc = bench.platform.libc_ver()[0] == "glibc"
+    note = bench.allocator_note("cpu")
+    assert (note is not None) == glibc
+    if glibc:
+        assert "MALLOC_ARENA_MAX=1" in note and "page faults" in note
+    for key, value in bench.STEADY_ALLOCATOR.items():
+        monkeypatch.setenv(key, value)
+    assert bench.allocator_note("cpu") is None
+    assert set(bench.STEADY_ALLOCATOR) <= set(bench.allocator()["settings"])

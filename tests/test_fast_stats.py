@@ -223,11 +223,11 @@ class SmallCNN(nnx.Module):
         return self.head(jnp.concatenate([a, b], -1)), a, b
 
 
-def test_nnx_conv1d_conv2d():
-    model = SmallCNN(nnx.Rngs(0))
+def small_cnn(seed):
+    model = SmallCNN(nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
-    k = jax.random.split(jax.random.key(3), 3)
+    k = jax.random.split(jax.random.key(3 + seed), 3)
     batch = (
         jax.random.normal(k[0], (5, 9, 8, 2)),
         jax.random.normal(k[1], (5, 10, 3)),
@@ -239,6 +239,11 @@ def test_nnx_conv1d_conv2d():
         logits, a, c = nnx.merge(graphdef, p)(img, seq)
         return jnp.stack([ce(logits, y), jnp.square(a).sum(-1), jnp.square(c).sum(-1)])
 
+    return losses_fn, params, batch
+
+
+def test_nnx_conv1d_conv2d():
+    losses_fn, params, batch = small_cnn(0)
     plan = bj.fast_stats_plan(losses_fn, params, batch)
     assert plan["c2"]["kernel"] == "conv" and plan["c1"]["kernel"] == "conv"
     assert_stats_close(*both(losses_fn, params, batch))
@@ -404,6 +409,47 @@ def test_auto_falls_back_per_leaf():
             lambda p, b, c=chunk: bj.source_grad_stats(losses_fn, p, b, method="vmap", chunk_size=c)
         )(params, x)
         assert_stats_close(auto, ref)
+
+
+@pytest.mark.parametrize("method", ["fast", "auto"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "scan"])
+def test_one_batch_variances_equal_the_finalised_moments(method, model, monkeypatch):
+    """On one batch on one device the rules form the variances where they place their
+    results; they equal ``m2 / (n - 1)`` taken afterwards, bit for bit, and keep the
+    marks of the sources that reach each leaf."""
+    from bogc_jax import _fast_stats, _moments, _source_reach
+
+    if model == "scan" and method == "fast":
+        pytest.skip("the scan model's recurrent leaf needs the vmap fallback")
+    cases = {"mlp": lambda: two_branch_mlp(3), "cnn": lambda: small_cnn(1), "scan": scan_model}
+    losses_fn, params, batch = cases[model]()
+    num_sources = jax.eval_shape(losses_fn, params, batch).shape[0]
+    moments_fn = {"fast": _fast_stats.fast_moments, "auto": _fast_stats.auto_moments}[method]
+    marks = {}
+
+    def one_batch(p, b):
+        stats = bj.source_grad_stats(losses_fn, p, b, method=method)
+        for field in ("mean", "var"):
+            leaves = jax.tree.leaves(getattr(stats, field))
+            marks[field] = [_source_reach.reaching(num_sources, x) for x in leaves]
+        return stats
+
+    def no_second_pass(moments):
+        raise AssertionError("one batch on one device: the rules form the variances")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bj.stats._moments, "grad_stats_from_moments", no_second_pass)
+        got = jax.jit(one_batch)(params, batch)
+    want = jax.jit(
+        lambda p, b: _moments.grad_stats_from_moments(moments_fn(losses_fn, p, b))
+    )(params, batch)
+    assert float(got.count) == float(want.count)
+    for field in ("mean", "var"):
+        for g, w in zip(jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(want, field))):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert marks["var"] == marks["mean"]
+    if model == "mlp":  # the head is reached by the fusion loss alone
+        assert (0,) in marks["var"] and () in marks["var"]
 
 
 def test_materialised_leaves_stream_in_chunks(monkeypatch):

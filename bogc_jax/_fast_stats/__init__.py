@@ -71,10 +71,22 @@ Layout of this package (one idea per module):
 - ``cotangents``: the taps' per-example output cotangents, one backward pass per source.
 - ``kernels``: what the rules share (the job of one leaf, products, streaming in chunks).
 - ``dense``, ``embedding``, ``per_leaf``: the rules.
-- ``dispatch``: the table of rules, the ``vmap`` fallback, ``fast_moments``/``auto_moments``.
+- ``dispatch``: the table of rules, the ``vmap`` fallback, ``fast_moments``/``auto_moments``
+  and their finalised forms ``fast_grad_stats``/``auto_grad_stats``.
 """
 
-from bogc_jax._fast_stats.dispatch import auto_moments, fast_moments
+from bogc_jax._fast_stats.dispatch import (
+    auto_grad_stats,
+    auto_moments,
+    fast_grad_stats,
+    fast_moments,
+)
 from bogc_jax._fast_stats.plan import fast_stats_plan
 
-__all__ = ["auto_moments", "fast_moments", "fast_stats_plan"]
+__all__ = [
+    "auto_grad_stats",
+    "auto_moments",
+    "fast_grad_stats",
+    "fast_moments",
+    "fast_stats_plan",
+]

@@ -8,6 +8,11 @@ others get exact zeros). Most rules serve their leaves one by one; the dense rul
 them together, sharing one check for cancellation. Leaves no rule serves (plan
 ``"vmap"``) get the chunked ``vmap`` reference with ``method="auto"`` and an error naming
 them with ``method="fast"``.
+
+``fast_moments``/``auto_moments`` return ``m2``, which chunks and devices merge;
+``fast_grad_stats``/``auto_grad_stats`` (one batch on one device) return the variance
+``m2 / (n - 1)``, formed inside ``place`` so that it costs no pass of its own over the
+``[S, ...]`` results (3-4% of the statistics on MLPs of 4M to 16M parameters).
 """
 
 from __future__ import annotations
@@ -95,14 +100,22 @@ def _scatter_sources(values, sources, num_sources, shape, dtype):
     )
 
 
-def _leaves_moments(jobs: list[kernels.LeafJob], num_sources: int, shapes) -> list:
-    """``(mean, m2)`` of each job's leaf for every source (zeros where none reaches it),
-    the jobs of each rule served by that rule together."""
+def _leaves_moments(
+    jobs: list[kernels.LeafJob], num_sources: int, shapes, second: Callable = lambda m2: m2
+) -> list:
+    """``(mean, second(m2))`` of each job's leaf for every source (zeros where none reaches
+    it), the jobs of each rule served by that rule together.
+
+    ``second`` (elementwise: zeros stay zeros) is applied where the rule places its
+    results, inside the dense rule's branch: the variance then costs no pass of its own
+    over the ``[S, ...]`` outputs.
+    """
 
     def place(job, mean, m2):
         shape = shapes[job.k]
         return tuple(
-            _scatter_sources(x, job.sources, num_sources, shape, job.dtype) for x in (mean, m2)
+            _scatter_sources(x, job.sources, num_sources, shape, job.dtype)
+            for x in (mean, second(m2))
         )
 
     results: list = [None] * len(jobs)
@@ -129,7 +142,9 @@ def _vmap_leaves(losses_fn, treedef, param_leaves, ks, batch, n, num_sources):
     return moments.mean, moments.m2
 
 
-def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments:
+def _moments_of(losses_fn, params, batch, *, fallback: bool, as_variance: bool):
+    """``(count, mean, second)`` of every leaf: ``second`` is ``m2``, or with
+    ``as_variance`` the ddof = 1 variance."""
     n = _per_example.batch_size_of(batch)
     num_sources = jax.eval_shape(losses_fn, params, batch).shape[0]
     program, treedef, param_leaves, example_leaves = trace(losses_fn, params, batch)
@@ -148,7 +163,7 @@ def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments
     base_env = _batch_free_env(program, param_leaves)
 
     means: list = [None] * len(plans)
-    m2s: list = [None] * len(plans)
+    seconds: list = [None] * len(plans)
     jobs = []
     shapes = [tuple(jnp.shape(x)) for x in param_leaves]
     for k, plan in enumerate(plans):
@@ -163,24 +178,22 @@ def _moments_of(losses_fn, params, batch, *, fallback: bool) -> _moments.Moments
             )
         else:  # no source reaches the leaf
             means[k] = _source_reach.mark(jnp.zeros((num_sources,) + shapes[k], dtype), ())
-            m2s[k] = _source_reach.mark(jnp.zeros((num_sources,) + shapes[k], dtype), ())
-    for job, (mean, m2) in zip(jobs, _leaves_moments(jobs, num_sources, shapes)):
+            seconds[k] = _source_reach.mark(jnp.zeros((num_sources,) + shapes[k], dtype), ())
+    count = jnp.asarray(n, jnp.float32)
+    second = (lambda m2: _moments.var_from_m2(m2, count)) if as_variance else (lambda m2: m2)
+    for job, (mean, moment) in zip(jobs, _leaves_moments(jobs, num_sources, shapes, second)):
         # The slabs of the sources that do not reach the leaf are exact zeros.
         means[job.k] = _source_reach.mark(mean, job.sources)
-        m2s[job.k] = _source_reach.mark(m2, job.sources)
+        seconds[job.k] = _source_reach.mark(moment, job.sources)
 
     if unsupported:
         means_u, m2s_u = _vmap_leaves(
             losses_fn, treedef, param_leaves, unsupported, batch, n, num_sources
         )
         for k, mean, m2 in zip(unsupported, means_u, m2s_u):
-            means[k], m2s[k] = mean, m2
+            means[k], seconds[k] = mean, second(m2)
 
-    return _moments.Moments(
-        jnp.asarray(n, jnp.float32),
-        jax.tree.unflatten(treedef, means),
-        jax.tree.unflatten(treedef, m2s),
-    )
+    return count, jax.tree.unflatten(treedef, means), jax.tree.unflatten(treedef, seconds)
 
 
 def fast_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
@@ -189,9 +202,28 @@ def fast_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
     Raises ``ValueError`` naming every parameter leaf the fast path cannot serve; use
     :func:`auto_moments` to fall back to ``vmap`` for those.
     """
-    return _moments_of(losses_fn, params, batch, fallback=False)
+    return _moments.Moments(
+        *_moments_of(losses_fn, params, batch, fallback=False, as_variance=False)
+    )
 
 
 def auto_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
     """Like :func:`fast_moments`, with chunked ``vmap`` for the leaves it cannot serve."""
-    return _moments_of(losses_fn, params, batch, fallback=True)
+    return _moments.Moments(
+        *_moments_of(losses_fn, params, batch, fallback=True, as_variance=False)
+    )
+
+
+def fast_grad_stats(losses_fn, params: PyTree, batch: PyTree) -> _moments.GradStats:
+    """:func:`fast_moments` finalised: each leaf's variance is formed where its rule
+    places the moments (for one batch on one device; merges need ``m2``)."""
+    return _moments.GradStats(
+        *_moments_of(losses_fn, params, batch, fallback=False, as_variance=True)
+    )
+
+
+def auto_grad_stats(losses_fn, params: PyTree, batch: PyTree) -> _moments.GradStats:
+    """:func:`auto_moments` finalised, as :func:`fast_grad_stats`."""
+    return _moments.GradStats(
+        *_moments_of(losses_fn, params, batch, fallback=True, as_variance=True)
+    )
