@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bogc_jax as bj
 from bogc_jax import _finite
@@ -50,6 +52,30 @@ def test_the_policy_skips_bad_inputs_bad_domains_and_bad_outputs():
     out, new = overflow({"a": jnp.full(2, 1e30)}, state, x=1e10)
     assert not bool(new.finite)
     np.testing.assert_array_equal(out["a"], jnp.full(2, 1e30))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16", "complex64", "float64"]),
+    bad=st.sampled_from([None, np.inf, -np.inf, np.nan]),
+    scale=st.sampled_from([1.0, 1e-40, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_is_numpy_isfinite_all(shape, dtype, bad, scale, seed):
+    """One pass (``sum(x * 0)``) flags exactly the arrays numpy finds a non-finite entry
+    in, whatever the dtype, the shape (empty ones too) and the scale of the finite ones."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(np.float64)
+    if bad is not None and x.size:
+        x.reshape(-1)[rng.integers(x.size)] = bad
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        dtype = "float32"
+    array = jnp.asarray(x).astype(dtype)
+    as_numpy = np.asarray(array if dtype == "complex64" else array.astype(jnp.float32))
+    want = bool(np.all(np.isfinite(as_numpy)))  # after the cast (float16 overflows at 65504)
+    assert bool(jax.jit(_finite.all_finite)({"a": array, "b": None})) == want
+    assert bool(_finite.all_finite(array, 1.0, [array])) == want
 
 
 @pytest.mark.parametrize(
