@@ -900,10 +900,12 @@ def library_commit() -> str:
         return fallback
 
 
-# glibc settings under which freed memory stays with the process and every thread
-# allocates from the main arena, so that a call reuses the pages of the previous one.
+# glibc settings under which every thread allocates from the main arena, large blocks come
+# from the heap rather than from their own mappings, and freed memory stays with the
+# process: a call then reuses the pages of the previous one.
 STEADY_ALLOCATOR = {
     "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
     "MALLOC_TRIM_THRESHOLD_": "4294967296",
     "MALLOC_TOP_PAD_": "1073741824",
 }
