@@ -63,8 +63,8 @@ def test_the_policy_skips_bad_inputs_bad_domains_and_bad_outputs():
     seed=st.integers(0, 2**16),
 )
 def test_all_finite_is_numpy_isfinite_all(shape, dtype, bad, scale, seed):
-    """One pass (``sum(x * 0)``) flags exactly the arrays numpy finds a non-finite entry
-    in, whatever the dtype, the shape (empty ones too) and the scale of the finite ones."""
+    """The guard's check flags exactly the arrays numpy finds a non-finite entry in,
+    whatever the dtype, the shape (empty ones too) and the scale of the finite ones."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * scale).astype(np.float64)
     if bad is not None and x.size:
