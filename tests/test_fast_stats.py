@@ -440,12 +440,14 @@ def test_one_batch_variances_equal_the_finalised_moments(method, model, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(bj.stats._moments, "grad_stats_from_moments", no_second_pass)
         got = jax.jit(one_batch)(params, batch)
-    want = jax.jit(
-        lambda p, b: _moments.grad_stats_from_moments(moments_fn(losses_fn, p, b))
-    )(params, batch)
+    want = jax.jit(lambda p, b: _moments.grad_stats_from_moments(moments_fn(losses_fn, p, b)))(
+        params, batch
+    )
     assert float(got.count) == float(want.count)
     for field in ("mean", "var"):
-        for g, w in zip(jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(want, field))):
+        for g, w in zip(
+            jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(want, field))
+        ):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert marks["var"] == marks["mean"]
     if model == "mlp":  # the head is reached by the fusion loss alone
