@@ -922,8 +922,7 @@ def allocator_note(platform_name: str) -> str | None:
     """A note when a CPU run on glibc lacks :data:`STEADY_ALLOCATOR`, else None."""
     if platform_name != "cpu" or platform.libc_ver()[0] != "glibc":
         return None
-    missing = {k: v for k, v in STEADY_ALLOCATOR.items() if os.environ.get(k) != v}
-    if not missing:
+    if all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items()):
         return None
     settings = " ".join(f"{k}={v}" for k, v in STEADY_ALLOCATOR.items())
     return (

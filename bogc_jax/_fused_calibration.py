@@ -40,9 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bogc_jax import _scale
-
-HIGHEST = lax.Precision.HIGHEST
+from bogc_jax import _moments, _scale
 
 MAX_SOURCES = 3
 """The products ``P_s`` of ``S - 1`` factors in ``[1e-30, 2 n)`` stay finite up to here."""
@@ -102,8 +100,8 @@ def _stored(values: list) -> tuple[list, jax.Array]:
     """
     if len(values) == 2:
         pair = lax.optimization_barrier(lax.complex(values[0], values[1]))
-        ones = jnp.ones(pair.shape[-1:], pair.dtype)  # a scalar leaf: nothing to sum
-        total = jnp.sum(pair if pair.ndim == 0 else jnp.dot(pair, ones, precision=HIGHEST))
+        # A scalar leaf has nothing to sum.
+        total = jnp.sum(pair if pair.ndim == 0 else _moments.sum_as_product(pair, pair.ndim - 1))
         return [jnp.real(pair), jnp.imag(pair)], jnp.stack([jnp.real(total), jnp.imag(total)])
     stored = [lax.optimization_barrier(x) for x in values]
     return stored, jnp.stack([jnp.sum(x) for x in stored]) if stored else jnp.zeros((0,))
@@ -156,8 +154,8 @@ def leaf_calibration(
       kappa, gamma, prior_weight, eps: as in :func:`bogc_jax.bogc` (``gamma`` 0 or 1,
         Python numbers).
       noise_stats: ``(mean, var)`` to compute the precisions from instead (the rescaled
-        statistics of ``noise="relative"``); the touched sets and the correction use
-        ``mean`` and ``var``.
+        statistics of ``noise="relative"``), one row per source in ``sources`` (all
+        ``S`` by default); the touched sets and the correction use ``mean`` and ``var``.
       sources: the sources whose slabs may be nonzero (default: all), known while
         tracing (``bogc_jax._source_reach``). The others are zeros, so they touch no
         coordinate: only the given slabs are read, and the others' weights and touched
@@ -185,15 +183,18 @@ def leaf_calibration(
     n = touched[0].astype(dtype)
     for t in touched[1:]:
         n = n + t.astype(dtype)
-    noise_mean, noise_var = (mean, var) if noise_stats is None else noise_stats
+    if noise_stats is None:
+        noise_mean, noise_var = mu, sd
+    else:  # one row per present source
+        noise_mean, noise_var = ([x[i] for i in range(num_sources)] for x in noise_stats)
     inv_count = 1.0 / jnp.asarray(count).astype(dtype)
     kappa, gamma, prior_weight = float(kappa), float(gamma), float(prior_weight)
     if kappa == 0.0 or gamma == 0.0:
         ratios = [jnp.ones_like(m) for m in mu]
     else:
         ratios = _relative_noise(
-            [noise_mean[s] for s in present],
-            [noise_var[s] for s in present],
+            noise_mean,
+            noise_var,
             touched,
             n,
             inv_count,

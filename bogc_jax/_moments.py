@@ -298,6 +298,23 @@ def num_batch_shards(x) -> int:
     return shards
 
 
+def sum_as_product(x, axis: int):
+    """Sum over ``axis`` as a product with ones.
+
+    XLA:CPU reduces an axis of a wide array (a leading one, or any axis of a complex
+    array) several times slower than it multiplies by a vector of ones; the result is
+    the same. The output is replicated where ``x`` is sharded explicitly.
+    """
+    ones = jnp.ones((x.shape[axis],), x.dtype)
+    return jnp.tensordot(
+        ones,
+        x,
+        axes=((0,), (axis,)),
+        precision=jax.lax.Precision.HIGHEST,
+        out_sharding=replicated_if_sharded(x),
+    )
+
+
 def replicated_if_sharded(*xs):
     """``P()`` when an operand is sharded explicitly (a contraction over the examples then
     needs its output sharding spelled out), else None."""

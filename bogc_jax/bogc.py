@@ -320,9 +320,10 @@ def bogc(
         # statistics: the calibration leaves them out (bogc_jax._source_reach).
         reaching = _source_reach.reaching(num_sources, mean, var)
         noise_stats = None
-        if noise == "relative":
-            touched = (mean != 0) | (var != 0)
-            noise_stats = ev.relative_to_own_signal(mean, var, touched)
+        if noise == "relative":  # per source: rescale the reaching slabs alone
+            rows = np.asarray(reaching, int)
+            mean_r, var_r = mean[rows], var[rows]
+            noise_stats = ev.relative_to_own_signal(mean_r, var_r, (mean_r != 0) | (var_r != 0))
         return _fused.leaf_calibration(
             mean,
             var,

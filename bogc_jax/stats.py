@@ -42,12 +42,6 @@ _MOMENTS_FNS = {
     "fast": _fast_stats.fast_moments,
     "auto": _fast_stats.auto_moments,
 }
-# One batch on one device: the fast rules form the variances themselves (no pass of their
-# own over the [S, P] results); chunks and devices are merged from m2.
-_GRAD_STATS_FNS = {
-    "fast": _fast_stats.fast_grad_stats,
-    "auto": _fast_stats.auto_grad_stats,
-}
 _STACK_HINT = (
     "Stack the loss terms, e.g. jnp.stack([fusion_loss, audio_loss, image_loss]), each of "
     "shape [B] (no mean over the batch)."
@@ -314,8 +308,11 @@ def source_grad_stats(
     if axis_name is not None:
         # Per-example gradients of this device's examples only (not summed over devices).
         params = _moments.as_varying(params, axis_name)
-    if axis_name is None and chunk_size is None and method in _GRAD_STATS_FNS:
-        return _GRAD_STATS_FNS[method](losses_fn, params, batch)
+    if axis_name is None and chunk_size is None and method != "vmap":
+        # One batch on one device: the fast rules form the variances themselves (no pass
+        # of their own over the [S, P] results); chunks and devices merge m2.
+        fallback = method == "auto"
+        return _fast_stats.one_batch_grad_stats(losses_fn, params, batch, fallback=fallback)
     moments_fn = _per_example.chunked(_MOMENTS_FNS[method], chunk_size)
     moments = moments_fn(losses_fn, params, batch)
     if axis_name is not None:

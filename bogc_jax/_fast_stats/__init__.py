@@ -72,21 +72,10 @@ Layout of this package (one idea per module):
 - ``kernels``: what the rules share (the job of one leaf, products, streaming in chunks).
 - ``dense``, ``embedding``, ``per_leaf``: the rules.
 - ``dispatch``: the table of rules, the ``vmap`` fallback, ``fast_moments``/``auto_moments``
-  and their finalised forms ``fast_grad_stats``/``auto_grad_stats``.
+  and, for one batch on one device, ``one_batch_grad_stats``.
 """
 
-from bogc_jax._fast_stats.dispatch import (
-    auto_grad_stats,
-    auto_moments,
-    fast_grad_stats,
-    fast_moments,
-)
+from bogc_jax._fast_stats.dispatch import auto_moments, fast_moments, one_batch_grad_stats
 from bogc_jax._fast_stats.plan import fast_stats_plan
 
-__all__ = [
-    "auto_grad_stats",
-    "auto_moments",
-    "fast_grad_stats",
-    "fast_moments",
-    "fast_stats_plan",
-]
+__all__ = ["auto_moments", "fast_moments", "fast_stats_plan", "one_batch_grad_stats"]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bogc_jax import _scale
+from bogc_jax import _moments, _scale
 from bogc_jax._fast_stats import kernels
 from bogc_jax._fast_stats.plan import Plan, dot_dims
 
@@ -165,13 +165,13 @@ def _centred_m2(a, d, n):
     ``c = (1/n) sum x' delta``: ``m2 = mean(x)**2 sum_i d'_i**2 + (sum_i x'_i**2 delta_i**2
     - n c**2) + 2 mean(x) sum_i x'_i delta_i d'_i``; only centred terms are squared.
     """
-    a_bar = kernels.sum_examples(a, 0) / n  # [g, c]
-    d_c = d - kernels.sum_examples(d, 0) / n
+    a_bar = _moments.sum_as_product(a, 0) / n  # [g, c]
+    d_c = d - _moments.sum_as_product(d, 0) / n
     a_c = a - a_bar
     cov = kernels.contract("ngc,ngf->gcf", a_c, d) / n  # sum a'd / n
     s2 = kernels.contract("ngc,ngf->gcf", jnp.square(a_c), jnp.square(d))  # sum a'^2 d^2
     s3 = kernels.contract("ngc,ngf->gcf", a_c, d * d_c)  # sum a' d d'
-    sq_d = kernels.sum_examples(jnp.square(d_c), 0)[:, None, :]  # sum d'^2, [g, 1, F]
+    sq_d = _moments.sum_as_product(jnp.square(d_c), 0)[:, None, :]  # sum d'^2, [g, 1, F]
     ab = a_bar[:, :, None]  # [g, c, 1]
     return jnp.square(ab) * sq_d + (s2 - n * jnp.square(cov)) + 2.0 * ab * s3
 
@@ -263,7 +263,7 @@ def _cannot_cancel(op: _Scaled):
     needed = math.ceil(op.n / (1.0 + CANCELLATION_LIMIT))
 
     def fewest_zeros(x):  # [n, g, k] -> [g]
-        counts = kernels.sum_examples((x == 0).astype(x.dtype), 0)
+        counts = _moments.sum_as_product((x == 0).astype(x.dtype), 0)
         return jnp.min(counts, axis=-1)
 
     return jnp.all((fewest_zeros(op.a) >= needed) | (fewest_zeros(op.d) >= needed))

@@ -10,7 +10,7 @@ them together, sharing one check for cancellation. Leaves no rule serves (plan
 them with ``method="fast"``.
 
 ``fast_moments``/``auto_moments`` return ``m2``, which chunks and devices merge;
-``fast_grad_stats``/``auto_grad_stats`` (one batch on one device) return the variance
+``one_batch_grad_stats`` (one batch on one device) returns the variance
 ``m2 / (n - 1)``, formed inside ``place`` so that it costs no pass of its own over the
 ``[S, ...]`` results (3-4% of the statistics on MLPs of 4M to 16M parameters).
 """
@@ -214,16 +214,13 @@ def auto_moments(losses_fn, params: PyTree, batch: PyTree) -> _moments.Moments:
     )
 
 
-def fast_grad_stats(losses_fn, params: PyTree, batch: PyTree) -> _moments.GradStats:
-    """:func:`fast_moments` finalised: each leaf's variance is formed where its rule
-    places the moments (for one batch on one device; merges need ``m2``)."""
+def one_batch_grad_stats(
+    losses_fn, params: PyTree, batch: PyTree, *, fallback: bool
+) -> _moments.GradStats:
+    """:func:`fast_moments` (``fallback=False``) or :func:`auto_moments` (``True``)
+    finalised for one batch on one device: each leaf's variance is formed where its rule
+    places the moments, with no pass of its own (merges over chunks or devices need
+    ``m2``)."""
     return _moments.GradStats(
-        *_moments_of(losses_fn, params, batch, fallback=False, as_variance=True)
-    )
-
-
-def auto_grad_stats(losses_fn, params: PyTree, batch: PyTree) -> _moments.GradStats:
-    """:func:`auto_moments` finalised, as :func:`fast_grad_stats`."""
-    return _moments.GradStats(
-        *_moments_of(losses_fn, params, batch, fallback=True, as_variance=True)
+        *_moments_of(losses_fn, params, batch, fallback=fallback, as_variance=True)
     )

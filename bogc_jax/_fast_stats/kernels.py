@@ -77,22 +77,6 @@ def contract(subscripts, x, y):
     )
 
 
-def sum_examples(x, axis: int):
-    """Sum over ``axis`` as a product with ones.
-
-    XLA:CPU reduces a leading axis of a wide array an order of magnitude slower than it
-    multiplies by a vector of ones; the result is the same.
-    """
-    ones = jnp.ones((x.shape[axis],), x.dtype)
-    return jnp.tensordot(
-        ones,
-        x,
-        axes=((0,), (axis,)),
-        precision=HIGHEST,
-        out_sharding=_moments.replicated_if_sharded(x),
-    )
-
-
 def pull_back(chain, x, lead: int):
     """Map an array laid out like the view ``chain[-1]``'s output back to the leaf's layout.
 
@@ -143,8 +127,8 @@ def streamed_moments(grads_fn, xs, n: int, chunk: int):
 
     def moments_of(chunk_xs):
         g = grads_fn(chunk_xs)
-        mean = sum_examples(g, 0) / g.shape[0]
-        m2 = sum_examples(jnp.square(g - mean), 0)
+        mean = _moments.sum_as_product(g, 0) / g.shape[0]
+        m2 = _moments.sum_as_product(jnp.square(g - mean), 0)
         return _moments.Moments(jnp.asarray(g.shape[0], jnp.float32), mean, m2)
 
     moments = moments_of(xs) if chunk >= n else _moments.scan_chunks(moments_of, xs, chunk)
